@@ -21,6 +21,8 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
+        "math-verify>=0.9",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest>=8"],

@@ -1,0 +1,129 @@
+"""IAPO token-wise advantages (DESIGN section 2), pure tensor functions.
+
+    A[i, t] = norm(r_i; group) + alpha * norm(s[i, t]; seq i) + beta * norm(c[i, t]; seq i)
+
+Shapes: B = number of completions (groups of `group_size` consecutive rows), A = response columns.
+Every function returns exactly 0 on masked positions, so padding never leaks into a loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EXPLORATION_MODES = ("prob", "entropy")
+
+
+def group_normalized_rewards(rewards: torch.Tensor, group_size: int, eps: float = 1e-9) -> torch.Tensor:
+    """(r - mean_group) / (std_group + eps) with the unbiased std, as OpenRLHF's `group_norm`.
+
+    rewards: (B,) with groups of `group_size` consecutive rows. Returns (B,) in at least fp32.
+    The arithmetic is OpenRLHF's, op for op, so alpha = beta = 0 reproduces its advantages bit
+    for bit; a group whose rewards are all identical gets exactly 0 instead of rounding noise
+    divided by eps.
+    """
+    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32)).reshape(-1, group_size)
+    normed = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps)
+    constant = (r.amax(-1, keepdim=True) == r.amin(-1, keepdim=True)).expand_as(r)
+    return torch.where(constant, torch.zeros_like(normed), normed).reshape(-1)
+
+
+def masked_sequence_normalize(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(x - mean) / (std + eps) over the valid tokens of each row; 0 on masked tokens.
+
+    x, mask: (B, A). Population std (a one-token row gives 0, not NaN). Statistics are taken in
+    fp64: a near-constant row in fp32 leaves rounding noise of the order of eps, which the
+    division would blow up to O(1). Returns (B, A) fp32.
+    """
+    valid = mask.bool()
+    x64 = torch.where(valid, x.double(), 0.0)
+    count = valid.sum(-1, keepdim=True).clamp(min=1)
+    mean = x64.sum(-1, keepdim=True) / count
+    centered = torch.where(valid, x64 - mean, 0.0)
+    std = (centered.pow(2).sum(-1, keepdim=True) / count).sqrt()
+    return (centered / (std + eps)).float()
+
+
+def exploration_signal(
+    pi_old: torch.Tensor, correct: torch.Tensor, exploration: str = "prob"
+) -> torch.Tensor:
+    """c[i, t] = sign_i * confidence[i, t], sign +1 for correct completions and -1 otherwise.
+
+    Confidence is pi_old(o_t) for "prob" and minus the next-token entropy for "entropy": in both
+    cases a correct completion is pushed towards confident tokens and a wrong one away from them.
+    pi_old: (B, A); correct: (B,) bool. Returns (B, A).
+    """
+    sign = torch.where(correct.bool(), 1.0, -1.0).to(pi_old.device).unsqueeze(-1)
+    confidence = pi_old.float() if exploration == "prob" else -pi_old.float()
+    return sign * confidence
+
+
+def _validate(rewards, mi, pi_old, action_mask, group_size, alpha, beta, correct, eps, exploration) -> None:
+    if action_mask.dim() != 2:
+        raise ValueError(f"action_mask: got shape {tuple(action_mask.shape)}, expected (B, A)")
+    b, a = action_mask.shape
+    if rewards.shape != (b,):
+        raise ValueError(f"rewards: got shape {tuple(rewards.shape)}, expected ({b},) to match action_mask (B, A)")
+    for name, value, weight in (("mi", mi, alpha), ("pi_old", pi_old, beta)):
+        if value is None:
+            if weight != 0:
+                raise ValueError(f"{name}: got None with a nonzero weight, expected a ({b}, {a}) tensor")
+        elif value.shape != (b, a):
+            raise ValueError(f"{name}: got shape {tuple(value.shape)}, expected ({b}, {a}) like action_mask")
+    if correct is not None and correct.shape != (b,):
+        raise ValueError(f"correct: got shape {tuple(correct.shape)}, expected ({b},)")
+    for name, weight in (("alpha", alpha), ("beta", beta)):
+        if not weight >= 0:
+            raise ValueError(f"{name}: got {weight}, expected a weight >= 0")
+    if not eps > 0:
+        raise ValueError(f"eps: got {eps}, expected a number > 0")
+    if exploration not in EXPLORATION_MODES:
+        raise ValueError(f"exploration: got {exploration!r}, expected one of {EXPLORATION_MODES}")
+    if not isinstance(group_size, int) or group_size < 2 or b % group_size != 0:
+        raise ValueError(
+            f"group_size: got {group_size} for a batch of {b}, expected an integer >= 2 that divides the batch "
+            "(IAPO normalises rewards within groups of samples of the same prompt)"
+        )
+    empty = (action_mask.sum(-1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"action_mask: rows {empty[:8]} have no valid token, expected at least one per row")
+    if exploration == "prob" and pi_old is not None and beta != 0:
+        valid = pi_old[action_mask.bool()]
+        if valid.numel() and (valid.min() < 0 or valid.max() > 1):
+            raise ValueError(
+                f"pi_old: got values in [{valid.min().item():.3g}, {valid.max().item():.3g}], expected probabilities "
+                "in [0, 1] (pass action_log_probs.exp(), not log-probs)"
+            )
+
+
+def iapo_advantages(
+    rewards: torch.Tensor,
+    mi: torch.Tensor | None,
+    pi_old: torch.Tensor | None,
+    action_mask: torch.Tensor,
+    *,
+    group_size: int,
+    alpha: float,
+    beta: float,
+    correct: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    exploration: str = "prob",
+) -> torch.Tensor:
+    """IAPO advantages, (B, A) fp32, exactly 0 on masked positions.
+
+    rewards: (B,) scalar reward per completion, groups of `group_size` consecutive rows.
+    mi: (B, A) per-token conditional MI s[i, t] (see `mi.token_mi`); may be None when alpha = 0.
+    pi_old: (B, A) probability of each sampled token under the rollout policy, or with
+        exploration="entropy" the policy's next-token entropy; may be None when beta = 0.
+    correct: (B,) bool deciding the exploration sign; defaults to rewards > 0.
+    eps: added to every std (group and per-sequence).
+    """
+    _validate(rewards, mi, pi_old, action_mask, group_size, alpha, beta, correct, eps, exploration)
+    valid = action_mask.bool()
+    adv = group_normalized_rewards(rewards, group_size, eps).float().unsqueeze(-1).expand(valid.shape)
+    if alpha != 0:
+        adv = adv + alpha * masked_sequence_normalize(mi, valid, eps)
+    if beta != 0:
+        sign_source = rewards > 0 if correct is None else correct
+        c = exploration_signal(pi_old, sign_source, exploration)
+        adv = adv + beta * masked_sequence_normalize(c, valid, eps)
+    return torch.where(valid, adv, torch.zeros_like(adv))

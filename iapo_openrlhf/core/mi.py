@@ -1,0 +1,691 @@
+"""Early-exit answer entropy and per-token conditional MI (DESIGN section 3).
+
+`answer_entropy` returns h[i, j] = H(y | prompt_i, response_i[:j]) for j = 0 .. n_i, read off the
+model's next-token distribution after a fixed postfix (e.g. "</think><answer>") appended to each
+prefix. `token_mi` turns it into s[i, t] = h[i, t] - h[i, t + 1].
+
+Three ways to compute h, all exact against each other:
+  naive    one forward of prompt + response[:j] + postfix per (i, j): O(L) forwards of length O(L).
+  kv_copy  the authors' approach: one cached forward, then per probed position a copy of the cache
+           prefix padded into a batch for the postfix forward. O(L^2) bytes copied.
+  chunked  ours: one cached forward into a preallocated cache, then blocks of C probes per row go
+           through the model as C * P new tokens on top of that cache, with a 4D mask so that the
+           probe of position j sees keys [.., j) and its own block causally, RoPE positions from
+           `position_ids`, and the LM head on the last token of each block only. The probe keys are
+           written into spare slots after the cache and overwritten by the next chunk: nothing is
+           copied per position, and the cache itself is never concatenated.
+
+Layouts: padded (OpenRLHF's `sequences`: left-padded prompt, right-padded response in the last
+A columns) through `answer_entropy`, and packed (samples back to back in one row, as OpenRLHF's
+`packing_samples`) through `answer_entropy_packed`. Both reduce to a list of probes
+(row, visible key range, first position id) that one scheduler executes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from .entropy import entropy_from_logits, log_probs_from_logits
+
+METHODS = ("chunked", "naive", "kv_copy")
+PREDICT_MODES = ("postfix", "next_token")
+SMOOTHINGS = ("none", "official")
+
+# Memory the default chunk size may spend on one probe forward (attention scores, mask, logits).
+DEFAULT_PROBE_MEMORY_BYTES = 1 << 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache with spare slots: the probe keys of one chunk live after the preloaded keys and are
+# overwritten by the next chunk, so no chunk ever copies or concatenates the cache.
+# ---------------------------------------------------------------------------------------------
+
+
+class _ProbeLayer(DynamicLayer):
+    """One layer's K/V in a buffer of `capacity` slots.
+
+    Before `freeze()` it fills like a DynamicLayer (the preload forward). After it, `update`
+    writes the new keys at [base, base + n) of the rows in `rows` and returns views [:base + n]
+    without moving `base`, which is what makes the next chunk overwrite this one.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.base = 0
+        self.frozen = False
+        self.rows = slice(None)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, d = key_states.shape
+        self.key_buf = key_states.new_empty(b, h, self.capacity, d)
+        self.value_buf = value_states.new_empty(b, value_states.shape[1], self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        end = self.base + n
+        if end > self.capacity:
+            raise RuntimeError(f"probe cache overflow: {end} slots needed, {self.capacity} allocated")
+        self.key_buf[self.rows, :, self.base : end] = key_states
+        self.value_buf[self.rows, :, self.base : end] = value_states
+        keys, values = self.key_buf[self.rows, :, :end], self.value_buf[self.rows, :, :end]
+        if not self.frozen:
+            self.base = end
+        self.keys, self.values = keys, values
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.base
+
+
+class _ProbeCache(Cache):
+    def __init__(self, num_layers: int, capacity: int):
+        super().__init__(layers=[_ProbeLayer(capacity) for _ in range(num_layers)])
+
+    def freeze(self) -> None:
+        for layer in self.layers:
+            layer.frozen = True
+
+    def select_rows(self, rows: slice) -> None:
+        for layer in self.layers:
+            layer.rows = rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes: one per (sample, probed position). Every layout is reduced to these tensors.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Probes:
+    """N probes. Probe k sees cache columns c with key_valid[row, c] and lo <= c < hi, and its
+    postfix tokens get position ids pos .. pos + P - 1. (sample, j) says where its entropy goes."""
+
+    row: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    pos: torch.Tensor
+    sample: torch.Tensor
+    j: torch.Tensor
+
+
+def _probed_positions(n: int, stride: int) -> list[int]:
+    """0, stride, 2 * stride, ... and always n."""
+    positions = list(range(0, n + 1, stride))
+    if positions[-1] != n:
+        positions.append(n)
+    return positions
+
+
+def _interpolate(values: torch.Tensor, positions: list[int], n: int, out: torch.Tensor) -> None:
+    """Fill out[0 .. n] from `values` at `positions`, linearly in between, so the entropy drop of a
+    span is spread over its tokens; probed positions keep their value bit for bit."""
+    pos = torch.tensor(positions, dtype=torch.float32)
+    grid = torch.arange(n + 1, dtype=torch.float32)
+    right = torch.searchsorted(pos, grid).clamp(max=len(positions) - 1)
+    left = (right - 1).clamp(min=0)
+    w = (grid - pos[left]) / (pos[right] - pos[left]).clamp(min=1)
+    interp = values[left] + w * (values[right] - values[left])
+    out[: n + 1] = torch.where(pos[right] == grid, values[right], interp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model plumbing
+# ---------------------------------------------------------------------------------------------
+
+
+def _hf_model(model) -> torch.nn.Module:
+    """The transformers module behind `model`: itself, or what a DeepSpeed engine (`.module`) or an
+    OpenRLHF Actor (`.model`) wraps. DeepSpeed engines expose their own dict as `.config`."""
+    inner = model
+    for _ in range(4):
+        if isinstance(getattr(inner, "config", None), PretrainedConfig):
+            return inner
+        inner = getattr(inner, "module", None) or getattr(inner, "model", None)
+        if inner is None:
+            break
+    raise ValueError(
+        f"model: got {type(model).__name__}, expected a transformers causal LM or a DeepSpeed engine wrapping one"
+    )
+
+
+def _text_config(model):
+    cfg = _hf_model(model).config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+@contextlib.contextmanager
+def _inference(model) -> Iterator[None]:
+    """no_grad + eval mode, restoring train mode after (the actor is mid-training when called)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _uses_flash_attention(model) -> bool:
+    impl = getattr(_hf_model(model).config, "_attn_implementation", None)
+    return isinstance(impl, str) and impl.startswith(("flash", "flex"))
+
+
+@contextlib.contextmanager
+def _sdpa_attention(model) -> Iterator[None]:
+    """Flash-attention kernels take no 4D mask: the probe forwards run through sdpa on the same
+    weights and the same cache layout, the preload keeps the model's own kernel."""
+    cfg = _hf_model(model).config
+    impl = cfg._attn_implementation
+    swap = _uses_flash_attention(model)
+    if swap:
+        cfg._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        if swap:
+            cfg._attn_implementation = impl
+
+
+def _param_dtype(model) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _check_no_sliding_window(model) -> None:
+    cfg = _text_config(model)
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError(
+            f"model: has attention layer types {sorted(set(layer_types))}; the chunked estimator supports "
+            "full attention only, use method='naive' for sliding-window models"
+        )
+
+
+def _default_chunk_tokens(rows: int, key_len: int, postfix_len: int, model) -> int:
+    """Largest C * rows * P whose probe forward fits DEFAULT_PROBE_MEMORY_BYTES.
+
+    Per forward with q = C * P new tokens per row: fp32 attention scores rows * heads * q * (S + q)
+    (eager/sdpa-math materialise them), the additive mask rows * q * (S + q), the MLP activations
+    rows * q * intermediate and the kept logits rows * C * V (times 3 for the softmax temporaries).
+    """
+    cfg = _text_config(model)
+    heads = getattr(cfg, "num_attention_heads", 16)
+    inter = getattr(cfg, "intermediate_size", 4 * getattr(cfg, "hidden_size", 1024))
+    vocab = getattr(cfg, "vocab_size", 32000)
+
+    def cost(c: int) -> int:
+        q = c * postfix_len
+        return 4 * rows * (q * (key_len + q) * (heads + 1) + 3 * q * inter + 3 * c * vocab)
+
+    c = 1
+    while cost(2 * c) <= DEFAULT_PROBE_MEMORY_BYTES and c < key_len:
+        c *= 2
+    return c * rows * postfix_len
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_common(method, predict_mode, postfix_ids, probe_stride, temperature, chunk_tokens) -> torch.Tensor | None:
+    if method not in METHODS:
+        raise ValueError(f"method: got {method!r}, expected one of {METHODS}")
+    if predict_mode not in PREDICT_MODES:
+        raise ValueError(f"predict_mode: got {predict_mode!r}, expected one of {PREDICT_MODES}")
+    if not isinstance(probe_stride, int) or probe_stride < 1:
+        raise ValueError(f"probe_stride: got {probe_stride!r}, expected an integer >= 1")
+    if not temperature > 0:
+        raise ValueError(f"temperature: got {temperature}, expected a number > 0")
+    if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise ValueError(f"chunk_tokens: got {chunk_tokens!r}, expected a positive integer or None (automatic)")
+    if predict_mode == "next_token":
+        return None
+    postfix = torch.as_tensor(postfix_ids if postfix_ids is not None else [], dtype=torch.long).flatten()
+    if postfix.numel() == 0:
+        raise ValueError(
+            "postfix_ids: got an empty postfix, expected at least one token id "
+            "(tokenize e.g. '</think><answer>', or use predict_mode='next_token')"
+        )
+    return postfix
+
+
+def answer_entropy(
+    model,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    action_mask: torch.Tensor,
+    postfix_ids: Sequence[int] | torch.Tensor | None,
+    *,
+    method: str = "chunked",
+    chunk_tokens: int | None = None,
+    temperature: float = 1.0,
+    probe_stride: int = 1,
+    predict_mode: str = "postfix",
+    return_log_probs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Early-exit answer entropies, (B, A + 1) fp32, OpenRLHF padded layout.
+
+    sequences, attention_mask: (B, S), left-padded prompt then the response in the last A columns.
+    action_mask: (B, A), a prefix of n_i ones per row (the valid response tokens).
+    Column j is the entropy after prompt + response[:j] + postfix for j <= n_i, 0 after.
+    chunk_tokens: probe tokens per forward (rows * C * P); None picks it from a memory budget.
+    probe_stride: probe every k-th position (and n_i), interpolate the rest linearly.
+    predict_mode: "postfix" (the probe) or "next_token" (the policy's own next-token entropy,
+        free from the preload forward; probe_stride and the postfix are unused).
+    return_log_probs: also return (B, A) fp32 log-probs of the response tokens from the preload
+        forward (0 on masked tokens, temperature-scaled like OpenRLHF's actor), so the actor pays
+        one forward for pi_old and the MI. Needs method "chunked".
+    """
+    postfix = _check_common(method, predict_mode, postfix_ids, probe_stride, temperature, chunk_tokens)
+    if return_log_probs and method != "chunked":
+        raise ValueError(f"return_log_probs: needs method='chunked', got method={method!r}")
+    if sequences.dim() != 2 or attention_mask.shape != sequences.shape:
+        raise ValueError(
+            f"attention_mask: got shape {tuple(attention_mask.shape)} for sequences {tuple(sequences.shape)}, "
+            "expected both (B, S)"
+        )
+    b, s = sequences.shape
+    if action_mask.dim() != 2 or action_mask.shape[0] != b or action_mask.shape[1] >= s:
+        raise ValueError(
+            f"action_mask: got shape {tuple(action_mask.shape)} for sequences {tuple(sequences.shape)}, "
+            f"expected (B={b}, A) with A < S (at least one prompt column)"
+        )
+    a = action_mask.shape[1]
+    n = _response_lengths(action_mask)
+    att = attention_mask.bool()
+    prompt_len = att[:, : s - a].sum(-1)
+    if (prompt_len == 0).any():
+        rows = (prompt_len == 0).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask: rows {rows[:8]} have an empty prompt, expected at least one prompt token")
+    cols = torch.arange(a, device=att.device)
+    if (att[:, s - a :] < (cols < n.unsqueeze(-1))).any():
+        raise ValueError("attention_mask: masks out valid response tokens, expected 1 wherever action_mask is 1")
+
+    position_ids = att.long().cumsum(-1) - 1
+    position_ids.masked_fill_(~att, 1)
+    stride = probe_stride if predict_mode == "postfix" else 1
+    per_sample = [_probed_positions(int(n[i]), stride) for i in range(b)]
+    probes = _Probes(
+        row=torch.tensor([i for i in range(b) for _ in per_sample[i]]),
+        lo=torch.zeros(sum(len(p) for p in per_sample), dtype=torch.long),
+        hi=torch.tensor([s - a + j for i in range(b) for j in per_sample[i]]),
+        pos=torch.tensor([int(prompt_len[i]) + j for i in range(b) for j in per_sample[i]]),
+        sample=torch.tensor([i for i in range(b) for _ in per_sample[i]]),
+        j=torch.tensor([j for i in range(b) for j in per_sample[i]]),
+    )
+    # Columns whose logits predict the response tokens and the token after each prefix.
+    keep = torch.arange(s - a - 1, s, device=sequences.device).unsqueeze(0).expand(b, -1)
+    return _run(
+        model, sequences, att, position_ids, probes, per_sample, n, a, postfix, keep,
+        labels=sequences[:, s - a :], method=method, chunk_tokens=chunk_tokens, temperature=temperature,
+        predict_mode=predict_mode, return_log_probs=return_log_probs, packed=False,
+    )
+
+
+def answer_entropy_packed(
+    model,
+    input_ids: torch.Tensor,
+    seq_lens: Sequence[int],
+    response_lens: Sequence[int],
+    postfix_ids: Sequence[int] | torch.Tensor | None,
+    *,
+    response_width: int | None = None,
+    method: str = "chunked",
+    chunk_tokens: int | None = None,
+    temperature: float = 1.0,
+    probe_stride: int = 1,
+    predict_mode: str = "postfix",
+    return_log_probs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`answer_entropy` for samples packed back to back in one row (OpenRLHF `packing_samples`).
+
+    input_ids: (1, T); sample k occupies the next seq_lens[k] tokens (prompt then response),
+    its response being the last response_lens[k] of them; trailing padding after sum(seq_lens) is
+    ignored. Returns (N, W + 1) with W = response_width or max(response_lens), and (N, W) log-probs
+    with return_log_probs, in the same column convention as `answer_entropy`.
+    """
+    postfix = _check_common(method, predict_mode, postfix_ids, probe_stride, temperature, chunk_tokens)
+    if return_log_probs and method != "chunked":
+        raise ValueError(f"return_log_probs: needs method='chunked', got method={method!r}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"input_ids: got shape {tuple(input_ids.shape)}, expected (1, T) for one packed row")
+    seq_lens, response_lens = [int(x) for x in seq_lens], [int(x) for x in response_lens]
+    t = input_ids.shape[1]
+    if len(seq_lens) != len(response_lens) or not seq_lens:
+        raise ValueError(
+            f"response_lens: got {len(response_lens)} entries for {len(seq_lens)} seq_lens, expected one per sample"
+        )
+    if sum(seq_lens) > t:
+        raise ValueError(f"seq_lens: sum {sum(seq_lens)} exceeds the packed row length {t}")
+    for k, (sl, rl) in enumerate(zip(seq_lens, response_lens)):
+        if not 1 <= rl < sl:
+            raise ValueError(
+                f"response_lens: sample {k} has response {rl} in a sequence of {sl}, expected 1 <= response < sequence"
+            )
+    w = response_width if response_width is not None else max(response_lens)
+    if w < max(response_lens):
+        raise ValueError(f"response_width: got {w}, expected >= the longest response {max(response_lens)}")
+
+    starts = [sum(seq_lens[:k]) for k in range(len(seq_lens))]
+    prompt_lens = [sl - rl for sl, rl in zip(seq_lens, response_lens)]
+    position_ids = torch.zeros(1, t, dtype=torch.long)
+    for st, sl in zip(starts, seq_lens):
+        position_ids[0, st : st + sl] = torch.arange(sl)
+    tail = t - sum(seq_lens)
+    position_ids[0, t - tail :] = torch.arange(tail)
+    position_ids = position_ids.to(input_ids.device)
+    key_valid = torch.zeros(1, t, dtype=torch.bool, device=input_ids.device)
+    key_valid[0, : sum(seq_lens)] = True
+
+    stride = probe_stride if predict_mode == "postfix" else 1
+    per_sample = [_probed_positions(rl, stride) for rl in response_lens]
+    probes = _Probes(
+        row=torch.zeros(sum(len(p) for p in per_sample), dtype=torch.long),
+        lo=torch.tensor([starts[k] for k, p in enumerate(per_sample) for _ in p]),
+        hi=torch.tensor([starts[k] + prompt_lens[k] + j for k, p in enumerate(per_sample) for j in p]),
+        pos=torch.tensor([prompt_lens[k] + j for k, p in enumerate(per_sample) for j in p]),
+        sample=torch.tensor([k for k, p in enumerate(per_sample) for _ in p]),
+        j=torch.tensor([j for p in per_sample for j in p]),
+    )
+    # keep[k, c]: packed column whose logits predict response token c of sample k (and the one after).
+    keep = torch.zeros(len(seq_lens), w + 1, dtype=torch.long)
+    labels = torch.zeros(len(seq_lens), w, dtype=torch.long)
+    for k, (st, pl, rl) in enumerate(zip(starts, prompt_lens, response_lens)):
+        keep[k, : rl + 1] = torch.arange(st + pl - 1, st + pl + rl)
+        labels[k, :rl] = input_ids[0, st + pl : st + pl + rl].cpu()
+    n = torch.tensor(response_lens)
+    return _run(
+        model, input_ids, key_valid, position_ids, probes, per_sample, n, w, postfix, keep.to(input_ids.device),
+        labels=labels.to(input_ids.device), method=method, chunk_tokens=chunk_tokens, temperature=temperature,
+        predict_mode=predict_mode, return_log_probs=return_log_probs, packed=True,
+    )
+
+
+def _response_lengths(action_mask: torch.Tensor) -> torch.Tensor:
+    """n_i per row; the mask must be a prefix of ones (OpenRLHF's action_mask is)."""
+    m = action_mask.bool()
+    n = m.sum(-1)
+    prefix = torch.arange(m.shape[1], device=m.device) < n.unsqueeze(-1)
+    if (prefix != m).any():
+        rows = (prefix != m).any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"action_mask: rows {rows[:8]} are not a prefix of ones, expected 1...1 0...0 per row")
+    if (n == 0).any():
+        rows = (n == 0).nonzero().flatten().tolist()
+        raise ValueError(f"action_mask: rows {rows[:8]} have no valid token, expected at least one per row")
+    return n.cpu()
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution
+# ---------------------------------------------------------------------------------------------
+
+
+def _run(
+    model, input_ids, key_valid, position_ids, probes, per_sample, n, width, postfix, keep, *, labels,
+    method, chunk_tokens, temperature, predict_mode, return_log_probs, packed,
+):
+    """Shared back end of both layouts. keep: (N, width + 1) columns of the preload logits that
+    predict the response tokens and the token after the last one, per output row."""
+    n_out = len(per_sample)
+    out = torch.zeros(n_out, width + 1, dtype=torch.float32)
+    log_probs = None
+    with _inference(model):
+        if method == "naive" and predict_mode == "postfix":
+            values = _naive(model, input_ids, key_valid, probes, postfix, temperature)
+        else:
+            if method == "chunked":
+                _check_no_sliding_window(model)
+            need_logits = predict_mode == "next_token" or return_log_probs
+            p_len = 0 if postfix is None else len(postfix)
+            rows = input_ids.shape[0]
+            if method == "chunked" and predict_mode == "postfix":
+                budget = chunk_tokens or _default_chunk_tokens(rows, input_ids.shape[1], p_len, model)
+                cache = _ProbeCache(_text_config(model).num_hidden_layers, input_ids.shape[1] + max(budget, p_len * rows))
+            else:
+                cache = DynamicCache()
+            logits = _preload(model, input_ids, key_valid, position_ids, cache, keep if need_logits else None, packed)
+            if need_logits:
+                # logits: (N, width + 1, V) at the `keep` columns
+                if return_log_probs:
+                    lp = log_probs_from_logits(logits[:, :width], labels, temperature)
+                    valid = torch.arange(width, device=lp.device) < n.to(lp.device).unsqueeze(-1)
+                    log_probs = torch.where(valid, lp, torch.zeros_like(lp)).cpu()
+                if predict_mode == "next_token":
+                    h = entropy_from_logits(logits, temperature).cpu()
+                    valid = torch.arange(width + 1) <= n.unsqueeze(-1)
+                    out = torch.where(valid, h, torch.zeros_like(h))
+                    return (out, log_probs) if return_log_probs else out
+                del logits
+            with _sdpa_attention(model):
+                if method == "chunked":
+                    cache.freeze()
+                    values = _chunked(model, key_valid, probes, postfix, cache, budget, temperature)
+                else:
+                    values = _kv_copy(model, key_valid, probes, postfix, cache, chunk_tokens, temperature)
+    for k, positions in enumerate(per_sample):
+        sel = probes.sample == k
+        _interpolate(values[sel], positions, int(n[k]), out[k])
+    return (out, log_probs) if return_log_probs else out
+
+
+def _preload(model, input_ids, key_valid, position_ids, cache, keep, packed) -> torch.Tensor | None:
+    """One forward over all tokens into `cache`; returns logits (N, K, V) at `keep` (N, K) or None.
+
+    Packed rows go in with attention_mask=None: transformers then derives the block-diagonal
+    causal mask from the position ids that restart at each sample (flash-attn varlen on GPU).
+    """
+    logits_to_keep = 1
+    if keep is not None:
+        if packed:
+            logits_to_keep = keep.flatten()
+        else:
+            logits_to_keep = keep.shape[1]
+    attention_mask = key_valid.long()
+    if packed:
+        # flash-attn derives the block-diagonal causal mask from position ids that restart at each
+        # sample (varlen); other kernels get it spelled out.
+        attention_mask = None if _uses_flash_attention(model) else _packed_causal_mask(position_ids, key_valid, model)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+    )
+    if keep is None:
+        return None
+    logits = out.logits
+    if packed:
+        return logits[0].reshape(keep.shape[0], keep.shape[1], -1)
+    return logits
+
+
+def _packed_causal_mask(position_ids: torch.Tensor, key_valid: torch.Tensor, model) -> torch.Tensor:
+    """(1, 1, T, T) additive mask: causal within each packed sample, nothing across samples."""
+    sample_id = (position_ids == 0).cumsum(-1)  # (1, T), increments where a sample starts
+    t = position_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    same = sample_id[:, :, None] == sample_id[:, None, :]
+    return _additive_mask((causal & same & key_valid[:, None, :]).unsqueeze(1), _param_dtype(model))
+
+
+def _additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool (.., q, k) -> 0 / dtype-min float mask (eager adds it, sdpa accepts it)."""
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return mask.masked_fill_(~visible, torch.finfo(dtype).min)
+
+
+def _chunked(model, key_valid, probes: _Probes, postfix, cache: _ProbeCache, budget, temperature) -> torch.Tensor:
+    """Entropy at every probe, (N,). Rows are visited in blocks and probes in chunks of C per row.
+
+    The schedule depends only on the probe list, so every rank holding the same batch runs the
+    same sequence of forwards (tensor parallelism needs that for its collectives).
+    """
+    device = key_valid.device
+    dtype = _param_dtype(model)
+    p_len = len(postfix)
+    rows, key_len = key_valid.shape
+    postfix = postfix.to(device)
+    values = torch.zeros(len(probes.row), dtype=torch.float32)
+    order = torch.argsort(probes.row * (len(probes.row) + 1) + probes.j, stable=True)
+    counts = torch.bincount(probes.row, minlength=rows)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order)) - starts[probes.row[order]]
+
+    rows_per_block = rows if budget >= rows * p_len else max(1, budget // p_len)
+    per_row = max(1, budget // (rows_per_block * p_len))
+    cols = torch.arange(key_len, device=device)
+    self_block = torch.ones(p_len, p_len, dtype=torch.bool, device=device).tril()
+    for r0 in range(0, rows, rows_per_block):
+        r1 = min(rows, r0 + rows_per_block)
+        cache.select_rows(slice(r0, r1))
+        in_block = (probes.row >= r0) & (probes.row < r1)
+        max_rank = int(rank[in_block].max()) + 1 if in_block.any() else 0
+        for c0 in range(0, max_rank, per_row):
+            sel = (in_block & (rank >= c0) & (rank < c0 + per_row)).nonzero().flatten()
+            c = min(per_row, max_rank - c0)
+            nr = r1 - r0
+            # Empty slots probe nothing and see only their own block (no fully masked query row).
+            lo = torch.zeros(nr, c, dtype=torch.long)
+            hi = torch.zeros(nr, c, dtype=torch.long)
+            pos = torch.zeros(nr, c, dtype=torch.long)
+            slot_r, slot_c = probes.row[sel] - r0, rank[sel] - c0
+            lo[slot_r, slot_c], hi[slot_r, slot_c], pos[slot_r, slot_c] = probes.lo[sel], probes.hi[sel], probes.pos[sel]
+            lo, hi, pos = lo.to(device), hi.to(device), pos.to(device)
+            # (nr, c, S): which cached keys each probe block sees.
+            see_cache = key_valid[r0:r1, None, :] & (cols >= lo[..., None]) & (cols < hi[..., None])
+            see_cache = see_cache.repeat_interleave(p_len, dim=1)
+            see_self = torch.block_diag(*([self_block] * c)).expand(nr, -1, -1)
+            mask = _additive_mask(torch.cat([see_cache, see_self], dim=-1).unsqueeze(1), dtype)
+            position_ids = (pos[..., None] + torch.arange(p_len, device=device)).reshape(nr, c * p_len)
+            last_tokens = torch.arange(c, device=device) * p_len + p_len - 1
+            out = model(
+                input_ids=postfix.repeat(nr, c),
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=last_tokens,
+            )
+            h = entropy_from_logits(out.logits, temperature).cpu()  # (nr, c)
+            values[sel] = h[slot_r, slot_c]
+    cache.select_rows(slice(None))
+    return values
+
+
+def _kv_copy(model, key_valid, probes: _Probes, postfix, cache: DynamicCache, chunk_tokens, temperature):
+    """The authors' method, kept as a benchmark baseline: each probe gets its own copy of its cache
+    prefix, left-padded into a batch with the other probes of its chunk."""
+    device = key_valid.device
+    p_len = len(postfix)
+    batch = max(1, (chunk_tokens or 256) // p_len)
+    values = torch.zeros(len(probes.row), dtype=torch.float32)
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    for b0 in range(0, len(probes.row), batch):
+        idx = range(b0, min(len(probes.row), b0 + batch))
+        prefixes = []
+        for k in idx:
+            r, lo, hi = int(probes.row[k]), int(probes.lo[k]), int(probes.hi[k])
+            prefixes.append((key_valid[r, lo:hi].nonzero().flatten() + lo, r))
+        width = max(len(cols) for cols, _ in prefixes)
+        data = []
+        for keys, vals in layers:
+            k_new = keys.new_zeros(len(prefixes), keys.shape[1], width, keys.shape[-1])
+            v_new = vals.new_zeros(len(prefixes), vals.shape[1], width, vals.shape[-1])
+            for q, (cols, r) in enumerate(prefixes):
+                k_new[q, :, width - len(cols) :] = keys[r, :, cols]
+                v_new[q, :, width - len(cols) :] = vals[r, :, cols]
+            data.append((k_new, v_new))
+        attn = torch.zeros(len(prefixes), width + p_len, dtype=torch.long, device=device)
+        for q, (cols, _) in enumerate(prefixes):
+            attn[q, width - len(cols) :] = 1
+        pos = probes.pos[list(idx)].to(device)[:, None] + torch.arange(p_len, device=device)
+        out = model(
+            input_ids=postfix.to(device).repeat(len(prefixes), 1),
+            attention_mask=attn,
+            position_ids=pos,
+            past_key_values=DynamicCache(ddp_cache_data=data),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        values[b0 : b0 + len(prefixes)] = entropy_from_logits(out.logits[:, -1], temperature).cpu()
+    return values
+
+
+def _naive(model, input_ids, key_valid, probes: _Probes, postfix, temperature) -> torch.Tensor:
+    """Ground truth: one unpadded forward of prefix + postfix per probe, no cache."""
+    device = input_ids.device
+    values = torch.zeros(len(probes.row), dtype=torch.float32)
+    for k in range(len(probes.row)):
+        r, lo, hi = int(probes.row[k]), int(probes.lo[k]), int(probes.hi[k])
+        cols = key_valid[r, lo:hi].nonzero().flatten() + lo
+        ids = torch.cat([input_ids[r, cols], postfix.to(device)]).unsqueeze(0)
+        out = model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=device).unsqueeze(0), logits_to_keep=1)
+        values[k] = entropy_from_logits(out.logits[0, -1], temperature).cpu()
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Entropy -> per-token MI
+# ---------------------------------------------------------------------------------------------
+
+
+def token_mi(
+    h: torch.Tensor,
+    action_mask: torch.Tensor,
+    *,
+    smoothing: str = "none",
+    horizon: int = 1,
+    decay: float = 1.0,
+) -> torch.Tensor:
+    """Per-token conditional MI, (B, A) fp32, 0 on masked tokens.
+
+    h: (B, A + 1) from `answer_entropy`; action_mask: (B, A) prefix of ones.
+    s[t] = h[t] - h[t + 1]: how much token t lowered the uncertainty about the answer.
+    smoothing="official": s[t] = (h[t] + h[t - 1]) / 2 - h[t + 1], with h[-1] := h[0] (the
+        authors' variant). horizon H, decay d: s'[t] = sum_{k < H} d^k s[t + k] over valid tokens.
+    """
+    if smoothing not in SMOOTHINGS:
+        raise ValueError(f"smoothing: got {smoothing!r}, expected one of {SMOOTHINGS}")
+    if not isinstance(horizon, int) or horizon < 1:
+        raise ValueError(f"horizon: got {horizon!r}, expected an integer >= 1")
+    if not 0 <= decay <= 1:
+        raise ValueError(f"decay: got {decay}, expected a number in [0, 1]")
+    if action_mask.dim() != 2 or h.shape != (action_mask.shape[0], action_mask.shape[1] + 1):
+        raise ValueError(
+            f"h: got shape {tuple(h.shape)} for action_mask {tuple(action_mask.shape)}, expected (B, A + 1)"
+        )
+    _response_lengths(action_mask)
+    valid = action_mask.bool()
+    h = h.float()
+    current = h[:, :-1]
+    if smoothing == "official":
+        previous = torch.cat([h[:, :1], h[:, :-2]], dim=1)
+        current = (current + previous) / 2
+    s = torch.where(valid, current - h[:, 1:], torch.zeros_like(current))
+    if horizon > 1:
+        total = s.clone()
+        for k in range(1, horizon):
+            shifted = torch.zeros_like(s)
+            shifted[:, :-k] = s[:, k:]
+            total += (decay**k) * shifted
+        s = torch.where(valid, total, torch.zeros_like(total))
+    return s
