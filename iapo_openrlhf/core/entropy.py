@@ -22,7 +22,8 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     """Entropy (nats) of softmax(logits / temperature) over the last dimension.
 
     logits: (..., V) in any float dtype. Returns (...,) in fp32.
-    Uses H = logsumexp(z) - sum(softmax(z) * z), which stays finite for any finite logits.
+    Uses H = logsumexp(z) - sum(softmax(z) * z) on max-shifted z: finite for any finite logits and
+    free of the cancellation between two terms of the size of the largest logit.
     """
     _check_temperature(temperature)
     flat = logits.reshape(-1, logits.shape[-1])
@@ -31,6 +32,8 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
         z = flat[start : start + _ROWS_PER_BLOCK].float()
         if temperature != 1.0:
             z = z / temperature
+        # Shifting by the max keeps both terms of the difference below log(V) instead of ~max(z).
+        z = z - z.amax(-1, keepdim=True)
         log_z = torch.logsumexp(z, dim=-1, keepdim=True)
         p = torch.exp(z - log_z)
         out[start : start + _ROWS_PER_BLOCK] = log_z.squeeze(-1) - (p * z).sum(-1)
