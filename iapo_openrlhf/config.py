@@ -1,0 +1,290 @@
+"""One config for every backend: YAML file + `--set section.key=value` overrides, validated up front.
+
+Every problem is reported as a `ConfigError` whose message is one line saying what is wrong and
+how to fix it; the CLIs print it and exit with code 2 before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+METHODS = ("iapo", "grpo", "dapo")
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is the one line shown to the user."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # a saved HF model directory; None: warm-start a tiny model (synthetic task)
+    dtype: str = "float32"  # float32 | bfloat16
+    warmstart_steps: int = 300  # SFT steps of the synthetic warm start when path is None
+    warmstart_lr: float = 3e-3
+
+
+@dataclass
+class DataConfig:
+    task: str = "synthetic"  # synthetic | jsonl
+    train_path: str | None = None  # jsonl: rows with input_key and label_key
+    test_path: str | None = None
+    input_key: str = "question"
+    label_key: str = "answer"
+    system_prompt: str = "r1"  # r1 | none
+    redundancy: float = 0.5  # synthetic: chance of a redundant segment between steps
+    num_test: int = 64  # test problems for periodic and final evaluation (0: whole split)
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8
+    n_samples_per_prompt: int = 8
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    lr: float = 1e-6
+    kl_coef: float = 0.001
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    ppo_epochs: int = 1
+    micro_batch_size: int = 16
+    max_grad_norm: float = 1.0
+    loss_agg: str = "token_mean"  # token_mean | seq_mean
+
+
+@dataclass
+class IapoConfig:
+    alpha: float = 0.5
+    beta: float = 0.1
+    postfix: str = "</think><answer>"
+    predict_mode: str = "postfix"
+    chunk_tokens: int | None = None
+    probe_stride: int = 1
+    mi_smoothing: str = "none"
+    mi_horizon: int = 1
+    mi_decay: float = 1.0
+    exploration: str = "prob"
+
+
+@dataclass
+class DapoConfig:
+    dynamic_sampling: bool = True
+    max_resample_rounds: int = 3
+    overlong_buffer: int = 16  # last tokens before max_new_tokens that are penalised linearly
+    overlong_penalty: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    scheme: str = "paper"  # paper | correctness | correctness_pm1
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10  # steps between evaluations (0: only before and after training)
+    k: list[int] = field(default_factory=lambda: [1, 4, 8])
+    temperature: float = 1.0
+    max_new_tokens: int | None = None  # default: rollout.max_new_tokens
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/local"
+    save_every: int = 10  # steps between checkpoints (0: only at the end)
+
+
+@dataclass
+class Config:
+    method: str = "iapo"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    iapo: IapoConfig = field(default_factory=IapoConfig)
+    dapo: DapoConfig = field(default_factory=DapoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "method": METHODS,
+    "device": ("auto", "cpu", "cuda"),
+    "model.dtype": ("float32", "bfloat16"),
+    "data.task": ("synthetic", "jsonl"),
+    "data.system_prompt": ("r1", "none"),
+    "train.loss_agg": ("token_mean", "seq_mean"),
+    "iapo.predict_mode": ("postfix", "next_token"),
+    "iapo.mi_smoothing": ("none", "official"),
+    "iapo.exploration": ("prob", "entropy"),
+    "reward.scheme": ("paper", "correctness", "correctness_pm1"),
+}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check `value` against a field annotation (str, int, float, bool, X | None, list[int])."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            value = [int(v) for v in str(value).split(",")] if isinstance(value, str) else [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: got {value!r}, expected a list like [1, 4, 8]")
+        return [_coerce(v, item, key) for v in value]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: got {value!r}, expected true or false")
+    if annotation in (int, float) and isinstance(value, bool) or not isinstance(value, annotation):
+        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {annotation.__name__}")
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            where = f"{prefix}{key}"
+            raise ConfigError(f"{where}: unknown key, expected one of {sorted(names)} under '{prefix or 'top level'}'")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            sub = raw[name] or {}
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{prefix}{name}: got {sub!r}, expected a mapping of keys")
+            kwargs[name] = _build(annotation, sub, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(raw[name], annotation, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"--set {override}: expected key=value, e.g. --set iapo.alpha=0.5")
+    key, text = override.split("=", 1)
+    value = yaml.safe_load(text) if text != "" else None
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {override}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (None: defaults), apply `section.key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {path}: no such file, expected a YAML config (see configs/)")
+        with open(path, encoding="utf-8") as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                line = getattr(getattr(e, "problem_mark", None), "line", -1) + 1
+                raise ConfigError(f"--config {path}: not valid YAML (line {line}), fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of sections at the top level")
+    for override in overrides or []:
+        _apply_override(raw, override)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Impossible combinations, each with the fix in the message."""
+    for key, choices in CHOICES.items():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, name)
+        if value not in choices:
+            raise ConfigError(f"{key}: got {value!r}, expected one of {list(choices)}")
+    positive = {
+        "rollout.prompts_per_step": cfg.rollout.prompts_per_step,
+        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+        "train.steps": cfg.train.steps,
+        "train.ppo_epochs": cfg.train.ppo_epochs,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "iapo.probe_stride": cfg.iapo.probe_stride,
+        "iapo.mi_horizon": cfg.iapo.mi_horizon,
+        "model.warmstart_steps": cfg.model.warmstart_steps,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: got {value}, expected an integer >= 1")
+    non_negative = {
+        "iapo.alpha": cfg.iapo.alpha,
+        "iapo.beta": cfg.iapo.beta,
+        "train.kl_coef": cfg.train.kl_coef,
+        "train.clip_eps_low": cfg.train.clip_eps_low,
+        "train.clip_eps_high": cfg.train.clip_eps_high,
+        "dapo.overlong_penalty": cfg.dapo.overlong_penalty,
+        "eval.every": cfg.eval.every,
+        "output.save_every": cfg.output.save_every,
+        "data.num_test": cfg.data.num_test,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: got {value}, expected a value >= 0")
+    for key, value in {"train.lr": cfg.train.lr, "rollout.temperature": cfg.rollout.temperature,
+                       "eval.temperature": cfg.eval.temperature}.items():
+        if not value > 0:
+            raise ConfigError(f"{key}: got {value}, expected a number > 0")
+    if cfg.rollout.n_samples_per_prompt < 2:
+        raise ConfigError(
+            f"rollout.n_samples_per_prompt: got {cfg.rollout.n_samples_per_prompt}, expected >= 2 "
+            f"({cfg.method} normalises rewards within the group of samples of one prompt)"
+        )
+    if not 0 <= cfg.iapo.mi_decay <= 1:
+        raise ConfigError(f"iapo.mi_decay: got {cfg.iapo.mi_decay}, expected a number in [0, 1]")
+    if cfg.iapo.predict_mode == "postfix" and cfg.method == "iapo" and not cfg.iapo.postfix:
+        raise ConfigError("iapo.postfix: got an empty postfix, expected e.g. '</think><answer>' (or predict_mode=next_token)")
+    if any(k < 1 for k in cfg.eval.k):
+        raise ConfigError(f"eval.k: got {cfg.eval.k}, expected positive integers")
+    if cfg.data.task == "jsonl":
+        for key in ("train_path", "test_path"):
+            path = getattr(cfg.data, key)
+            if path is None:
+                raise ConfigError(f"data.{key}: missing, expected a JSONL file for data.task=jsonl")
+            if not os.path.isfile(path):
+                raise ConfigError(f"data.{key}: {path} does not exist, expected a JSONL file (see scripts/prepare_data.py)")
+        if cfg.model.path is None:
+            raise ConfigError("model.path: missing, expected a saved HF model directory for data.task=jsonl")
+    if cfg.model.path is not None and not os.path.isdir(cfg.model.path):
+        raise ConfigError(f"model.path: {cfg.model.path} is not a directory, expected a saved HF model (save_pretrained)")
+    if cfg.dapo.overlong_buffer >= cfg.rollout.max_new_tokens:
+        raise ConfigError(
+            f"dapo.overlong_buffer: got {cfg.dapo.overlong_buffer}, expected < rollout.max_new_tokens "
+            f"({cfg.rollout.max_new_tokens})"
+        )
+
+
+def effective_weights(cfg: Config) -> tuple[float, float]:
+    """(alpha, beta) actually used: GRPO and DAPO are IAPO with both weights at 0."""
+    return (cfg.iapo.alpha, cfg.iapo.beta) if cfg.method == "iapo" else (0.0, 0.0)

@@ -1,0 +1,46 @@
+"""A tiny random Qwen2 with a BPE tokenizer trained on the data, for running a real-data config
+(GSM8K) end to end on a machine without a model hub. It cannot solve the task; it exercises the
+path: prompts, generation, reward parsing, the estimator and the update."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from ..data import jsonl_texts
+from ..rewards import R1_SYSTEM_PROMPT
+
+SPECIAL = ["<pad>", "<eos>"]
+# Added but not special: decode(skip_special_tokens=True) must keep them for the answer parser.
+TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+
+def tiny_model_from_texts(out_dir: str | Path, cfg, *, seed: int = 0, vocab_size: int = 1024) -> Path:
+    """Train a byte-level BPE on the training file, build a 2-layer Qwen2, save both."""
+    texts = jsonl_texts(cfg.data.train_path, cfg.data.input_key, cfg.data.label_key)
+    texts.append(R1_SYSTEM_PROMPT)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.add_tokens(TAGS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=2048,
+            tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,434 @@
+"""Single-process RL trainer: IAPO, GRPO and DAPO on one code path (DESIGN section 6).
+
+One step: sample G completions for each of N prompts (HF generate), score them, run the MI
+estimator (which also returns pi_old from its preload forward), compute `iapo_advantages`, and
+take a PPO step with a KL penalty to the frozen initial policy. GRPO is alpha = beta = 0; DAPO adds
+clip-higher (a config value), dynamic sampling and the overlong penalty.
+
+Determinism: the data position, the optimizer and every RNG are checkpointed, and evaluation runs
+under a forked RNG, so `--resume` continues exactly where an uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..config import Config, ConfigError, effective_weights
+from ..core.advantages import iapo_advantages
+from ..core.entropy import log_probs_from_logits
+from ..core.loss import kl_k3, masked_mean, ppo_policy_loss
+from ..core.mi import answer_entropy, token_mi
+from ..data import Example, load_jsonl, synthetic_examples
+from ..eval.generation import evaluate_model
+from ..rewards import R1_SYSTEM_PROMPT, batch_rewards
+from .rollout import Rollout, generate
+
+CHECKPOINTS = "checkpoints"
+
+
+def sequence_log_probs(model, sequences, attention_mask, response_width: int, temperature: float) -> torch.Tensor:
+    """(B, A) log-probs of the response tokens, OpenRLHF's actor forward (same position ids)."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    position_ids.masked_fill_(attention_mask == 0, 1)
+    logits = model(
+        input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
+        logits_to_keep=response_width + 1,
+    ).logits[:, :-1]
+    return log_probs_from_logits(logits, sequences[:, -response_width:], temperature)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, factor: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment: 0 up to max - buffer, then linearly down to -factor."""
+    start = max_new_tokens - buffer
+    return -factor * ((lengths.float() - start).clamp(min=0) / max(buffer, 1)).clamp(max=1)
+
+
+@dataclass
+class Batch:
+    rollout: Rollout
+    rewards: torch.Tensor
+    correct: torch.Tensor
+    format_ok: torch.Tensor
+    prompts: int
+    extra: dict = field(default_factory=dict)
+
+
+class LocalTrainer:
+    def __init__(self, cfg: Config, *, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.out = Path(cfg.output.dir)
+        self.device = torch.device(
+            "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        )
+        self.alpha, self.beta = effective_weights(cfg)
+        self.log_path = self.out / "metrics.jsonl"
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _initial_model_dir(self) -> Path:
+        """The policy RL starts from (and the KL reference): a given path, or a warm start."""
+        cfg = self.cfg
+        if cfg.model.path is not None:
+            return Path(cfg.model.path)
+        target = self.out / "initial"
+        if (target / "config.json").exists():
+            return target
+        if cfg.data.task == "synthetic":
+            from ..tasks.warmstart import warm_start
+
+            warm_start(target, seed=cfg.seed, steps=cfg.model.warmstart_steps, lr=cfg.model.warmstart_lr,
+                       task=self.task, progress=self.progress)
+        else:
+            from .tiny import tiny_model_from_texts
+
+            tiny_model_from_texts(target, cfg, seed=cfg.seed)
+        return target
+
+    def setup(self, resume: bool) -> None:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.data.task == "synthetic":
+            from ..tasks.synthetic import SyntheticTask
+
+            self.task = SyntheticTask(cfg.seed, redundancy=cfg.data.redundancy)
+            self.train_examples = synthetic_examples(self.task, "train", 4096)
+            self.test_examples = synthetic_examples(self.task, "test", cfg.data.num_test or 256)
+        else:
+            system = R1_SYSTEM_PROMPT if cfg.data.system_prompt == "r1" else None
+            self.train_examples = load_jsonl(cfg.data.train_path, cfg.data.input_key, cfg.data.label_key, system)
+            test = load_jsonl(cfg.data.test_path, cfg.data.input_key, cfg.data.label_key, system)
+            self.test_examples = test[: cfg.data.num_test] if cfg.data.num_test else test
+        self.initial_dir = self._initial_model_dir()
+        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+        checkpoint = self._latest_checkpoint() if resume else None
+        if resume and checkpoint is None:
+            raise ConfigError(f"--resume: no checkpoint under {self.out / CHECKPOINTS}, run without --resume first")
+        source = checkpoint or self.initial_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(self.device)
+        self.model.config.use_cache = False
+        self.ref = None
+        if cfg.train.kl_coef > 0:
+            self.ref = AutoModelForCausalLM.from_pretrained(self.initial_dir, dtype=dtype).to(self.device).eval()
+            self.ref.requires_grad_(False)
+        postfix = self.tokenizer(cfg.iapo.postfix, add_special_tokens=False).input_ids
+        if cfg.method == "iapo" and cfg.iapo.predict_mode == "postfix" and not postfix:
+            raise ConfigError(f"iapo.postfix: {cfg.iapo.postfix!r} tokenizes to nothing, expected a postfix with tokens")
+        self.postfix_ids = postfix
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
+        self.step = 0
+        self.position = 0
+        if checkpoint is not None:
+            self._load_state(checkpoint)
+        else:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            self.log_path.unlink(missing_ok=True)
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def _next_prompts(self, n: int) -> list[Example]:
+        """Epoch-wise seeded permutation; the position alone decides what comes next."""
+        out = []
+        size = len(self.train_examples)
+        for _ in range(n):
+            epoch, index = divmod(self.position, size)
+            perm = torch.randperm(size, generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch))
+            out.append(self.train_examples[int(perm[index])])
+            self.position += 1
+        return out
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def _sample(self, examples: list[Example]) -> Batch:
+        cfg = self.cfg
+        g = cfg.rollout.n_samples_per_prompt
+        prompts = [e.prompt for e in examples for _ in range(g)]
+        golds = [e.label for e in examples for _ in range(g)]
+        rollout = generate(self.model, self.tokenizer, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
+                           temperature=cfg.rollout.temperature)
+        results = batch_rewards(rollout.completions, golds, cfg.reward.scheme, think_in_prompt=True)
+        rewards = torch.tensor([r.reward for r in results], dtype=torch.float32)
+        if cfg.method == "dapo":
+            rewards = rewards + overlong_penalty(rollout.lengths, cfg.rollout.max_new_tokens,
+                                                 cfg.dapo.overlong_buffer, cfg.dapo.overlong_penalty)
+        return Batch(rollout, rewards, torch.tensor([r.correct for r in results]),
+                     torch.tensor([r.format_ok for r in results]), len(examples))
+
+    def _rollout(self) -> tuple[Batch, dict]:
+        """Sample the step's groups; DAPO keeps only groups whose rewards differ and refills."""
+        cfg = self.cfg
+        n, g = cfg.rollout.prompts_per_step, cfg.rollout.n_samples_per_prompt
+        batch = self._sample(self._next_prompts(n))
+        info = {"sampled_groups": n}
+        if cfg.method != "dapo" or not cfg.dapo.dynamic_sampling:
+            return batch, info
+        kept = [batch]
+        for _ in range(cfg.dapo.max_resample_rounds + 1):
+            groups = [_keep_varied_groups(b, g) for b in kept]
+            if sum(int(k.sum()) for k in groups) // g >= n:
+                break
+            extra = self._sample(self._next_prompts(n))
+            info["sampled_groups"] += n
+            kept.append(extra)
+        merged = _merge([_select(b, _keep_varied_groups(b, g)) for b in kept], self.tokenizer.pad_token_id)
+        if merged is None:  # every group had identical rewards: nothing to learn, keep the batch
+            return batch, info
+        keep_rows = min(merged.rewards.shape[0], n * g)
+        return _select(merged, torch.arange(merged.rewards.shape[0]) < keep_rows), info
+
+    def _advantages(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """pi_old log-probs and the IAPO advantages (one preload forward serves both)."""
+        cfg, r = self.cfg, batch.rollout
+        seq, att, act = (t.to(self.device) for t in (r.sequences, r.attention_mask, r.action_mask))
+        stats = {}
+        mi = None
+        if self.alpha > 0 or (self.beta > 0 and cfg.iapo.exploration == "prob"):
+            h, old_lp = answer_entropy(
+                self.model, seq, att, act, self.postfix_ids if cfg.iapo.predict_mode == "postfix" else None,
+                chunk_tokens=cfg.iapo.chunk_tokens, temperature=cfg.rollout.temperature,
+                probe_stride=cfg.iapo.probe_stride, predict_mode=cfg.iapo.predict_mode, return_log_probs=True,
+            )
+            mi = token_mi(h, act.cpu(), smoothing=cfg.iapo.mi_smoothing, horizon=cfg.iapo.mi_horizon,
+                          decay=cfg.iapo.mi_decay)
+            valid = act.cpu().bool()
+            stats.update(mi_mean=float(mi[valid].mean()), mi_std=float(mi[valid].std()),
+                         mi_pos_frac=float((mi[valid] > 0).float().mean()),
+                         answer_entropy_start=float(h[:, 0].mean()))
+        else:
+            with torch.no_grad():
+                old_lp = sequence_log_probs(self.model, seq, att, act.shape[1], cfg.rollout.temperature).cpu()
+            old_lp = old_lp * act.cpu()
+        explore = None
+        if self.beta > 0:
+            if cfg.iapo.exploration == "prob":
+                explore = old_lp.exp()
+            else:
+                explore = answer_entropy(self.model, seq, att, act, None, predict_mode="next_token",
+                                         temperature=cfg.rollout.temperature)[:, :-1]
+        adv = iapo_advantages(batch.rewards, mi, explore, act.cpu(), group_size=cfg.rollout.n_samples_per_prompt,
+                              alpha=self.alpha, beta=self.beta, correct=batch.correct,
+                              exploration=cfg.iapo.exploration)
+        return old_lp, adv, stats
+
+    def _update(self, batch: Batch, old_lp: torch.Tensor, adv: torch.Tensor) -> dict:
+        cfg = self.cfg
+        r = batch.rollout
+        b, a = r.action_mask.shape
+        ref_lp = None
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_lp = sequence_log_probs(self.ref, r.sequences.to(self.device), r.attention_mask.to(self.device),
+                                            a, cfg.rollout.temperature)
+        self.model.train()
+        stats: dict[str, float] = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+        total_tokens = float(r.action_mask.sum())
+        updates = 0
+        for _ in range(cfg.train.ppo_epochs):
+            perm = torch.randperm(b)
+            self.optimizer.zero_grad(set_to_none=True)
+            for start in range(0, b, cfg.train.micro_batch_size):
+                idx = perm[start : start + cfg.train.micro_batch_size]
+                seq, att, act = (t[idx].to(self.device) for t in (r.sequences, r.attention_mask, r.action_mask))
+                # Trim right padding shared by the micro-batch: it only costs compute.
+                width = int(act.sum(-1).max())
+                cut = a - width
+                if cut:
+                    seq, att, act = seq[:, :-cut], att[:, :-cut], act[:, :width]
+                lp = sequence_log_probs(self.model, seq, att, width, cfg.rollout.temperature)
+                loss, s = ppo_policy_loss(
+                    lp, old_lp[idx, :width].to(self.device), adv[idx, :width].to(self.device), act,
+                    clip_eps_low=cfg.train.clip_eps_low, clip_eps_high=cfg.train.clip_eps_high, agg=cfg.train.loss_agg,
+                )
+                if ref_lp is not None:
+                    kl = masked_mean(kl_k3(lp, ref_lp[idx, :width]), act, cfg.train.loss_agg)
+                    loss = loss + cfg.train.kl_coef * kl
+                    stats["kl"] += float(kl.detach()) * float(act.sum()) / total_tokens
+                # Micro-batches are weighted by their share of tokens, so the accumulated
+                # gradient equals the token mean over the whole batch.
+                weight = float(act.sum()) / total_tokens if cfg.train.loss_agg == "token_mean" else len(idx) / b
+                (loss * weight).backward()
+                stats["loss"] += float(loss.detach()) * weight
+                stats["clip_frac"] += s["clip_frac"] * weight
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+            self.optimizer.step()
+            updates += 1
+        self.model.eval()
+        stats = {k: v / updates for k, v in stats.items()}
+        stats["grad_norm"] = float(grad_norm)
+        return stats
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        batch, info = self._rollout()
+        t1 = time.perf_counter()
+        old_lp, adv, mi_stats = self._advantages(batch)
+        t2 = time.perf_counter()
+        update = self._update(batch, old_lp, adv)
+        t3 = time.perf_counter()
+        r = batch.rollout
+        return {
+            "step": self.step + 1,
+            "reward": float(batch.rewards.mean()),
+            "accuracy": float(batch.correct.float().mean()),
+            "format_ok": float(batch.format_ok.float().mean()),
+            "mean_length": float(r.lengths.float().mean()),
+            "truncated_frac": float(r.truncated.float().mean()),
+            "groups": int(batch.rewards.shape[0] // self.cfg.rollout.n_samples_per_prompt),
+            **info,
+            **mi_stats,
+            **update,
+            "time_rollout": t1 - t0,
+            "time_mi": t2 - t1,
+            "time_update": t3 - t2,
+        }
+
+    # -- evaluation, checkpoints ---------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        return evaluate_model(
+            self.model, self.tokenizer, self.test_examples, ks=cfg.eval.k, temperature=cfg.eval.temperature,
+            max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, reward_scheme=cfg.reward.scheme,
+            seed=cfg.seed + 12345,
+        )
+
+    def _log(self, record: dict) -> None:
+        with self.log_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _latest_checkpoint(self) -> Path | None:
+        root = self.out / CHECKPOINTS
+        steps = sorted(int(p.name.split("_")[1]) for p in root.glob("step_*") if (p / "trainer_state.pt").exists()) \
+            if root.exists() else []
+        return root / f"step_{steps[-1]}" if steps else None
+
+    def save_checkpoint(self) -> Path:
+        path = self.out / CHECKPOINTS / f"step_{self.step}"
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        torch.save(
+            {
+                "step": self.step,
+                "position": self.position,
+                "optimizer": self.optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
+                "numpy_rng": np.random.get_state(),
+                "config": self.cfg.to_dict(),
+            },
+            tmp / "trainer_state.pt",
+        )
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)  # a checkpoint is either complete or absent
+        return path
+
+    def _load_state(self, checkpoint: Path) -> None:
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        self.step, self.position = state["step"], state["position"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        # Drop log lines of steps after the checkpoint: they are about to be redone.
+        if self.log_path.exists():
+            lines = [line for line in self.log_path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            self.log_path.write_text("".join(line + "\n" for line in lines))
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def train(self, resume: bool = False) -> dict:
+        cfg = self.cfg
+        self.setup(resume)
+        history = {}
+        if self.step == 0:
+            history["before"] = self.evaluate()
+            self._log({"step": 0, "eval": history["before"]})
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"{cfg.method} RL", disable=not self.progress)
+        while self.step < cfg.train.steps:
+            record = self.train_step()
+            self.step += 1
+            self._log(record)
+            bar.update(1)
+            bar.set_postfix(acc=f"{record['accuracy']:.2f}", len=f"{record['mean_length']:.1f}",
+                            reward=f"{record['reward']:.2f}")
+            last = self.step == cfg.train.steps
+            if last or (cfg.eval.every and self.step % cfg.eval.every == 0):
+                result = self.evaluate()
+                self._log({"step": self.step, "eval": result})
+                history["after"] = result
+            if last or (cfg.output.save_every and self.step % cfg.output.save_every == 0):
+                self.save_checkpoint()
+        bar.close()
+        final = self.out / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        self.model.save_pretrained(final)
+        self.tokenizer.save_pretrained(final)
+        if "before" not in history:
+            history["before"] = _first_eval(self.log_path)
+        return history
+
+
+def _first_eval(log_path: Path) -> dict | None:
+    for line in log_path.read_text().splitlines():
+        record = json.loads(line)
+        if record["step"] == 0 and "eval" in record:
+            return record["eval"]
+    return None
+
+
+def _keep_varied_groups(batch: Batch, g: int) -> torch.Tensor:
+    """(B,) bool: rows of groups whose rewards are not all equal (they carry a learning signal)."""
+    r = batch.rewards.reshape(-1, g)
+    return (r.amax(-1) != r.amin(-1)).repeat_interleave(g)
+
+
+def _select(batch: Batch, rows: torch.Tensor) -> Batch:
+    r = batch.rollout
+    idx = rows.nonzero().flatten()
+    rollout = Rollout(
+        sequences=r.sequences[idx], attention_mask=r.attention_mask[idx], action_mask=r.action_mask[idx],
+        completions=[r.completions[i] for i in idx.tolist()], lengths=r.lengths[idx], truncated=r.truncated[idx],
+    )
+    return Batch(rollout, batch.rewards[idx], batch.correct[idx], batch.format_ok[idx], len(idx))
+
+
+def _merge(batches: list[Batch], pad_id: int) -> Batch | None:
+    """Concatenate batches of different prompt/response widths (re-padding both sides)."""
+    batches = [b for b in batches if b.rewards.numel()]
+    if not batches:
+        return None
+    a = max(b.rollout.action_mask.shape[1] for b in batches)
+    p = max(b.rollout.sequences.shape[1] - b.rollout.action_mask.shape[1] for b in batches)
+    seqs, atts, acts = [], [], []
+    for b in batches:
+        r = b.rollout
+        pa, ra = r.sequences.shape[1] - r.action_mask.shape[1], r.action_mask.shape[1]
+        pad = (p - pa, a - ra)
+        seqs.append(torch.nn.functional.pad(r.sequences, pad, value=pad_id))
+        atts.append(torch.nn.functional.pad(r.attention_mask, pad, value=0))
+        acts.append(torch.nn.functional.pad(r.action_mask, (0, a - ra), value=0))
+    rollout = Rollout(
+        sequences=torch.cat(seqs), attention_mask=torch.cat(atts), action_mask=torch.cat(acts),
+        completions=[c for b in batches for c in b.rollout.completions],
+        lengths=torch.cat([b.rollout.lengths for b in batches]),
+        truncated=torch.cat([b.rollout.truncated for b in batches]),
+    )
+    return Batch(rollout, torch.cat([b.rewards for b in batches]), torch.cat([b.correct for b in batches]),
+                 torch.cat([b.format_ok for b in batches]), sum(b.prompts for b in batches))
