@@ -24,6 +24,12 @@ setup(
         "math-verify>=0.9",
         "matplotlib",
     ],
+    entry_points={
+        "console_scripts": [
+            "iapo-train=iapo_openrlhf.cli.train:main",
+            "iapo-eval=iapo_openrlhf.cli.eval:main",
+        ],
+    },
     extras_require={
         "test": ["pytest>=8"],
         # What OpenRLHF needs that installs on a CPU machine; OpenRLHF itself is installed with

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str | None = None  # a saved HF model directory; None: warm-start a tiny model (synthetic task)
+    path: str | None = None  # a saved HF model directory; None: a tiny model (warm-started on the synthetic task)
     dtype: str = "float32"  # float32 | bfloat16
     warmstart_steps: int = 300  # SFT steps of the synthetic warm start when path is None
     warmstart_lr: float = 3e-3
@@ -273,9 +273,7 @@ def validate(cfg: Config) -> None:
             if path is None:
                 raise ConfigError(f"data.{key}: missing, expected a JSONL file for data.task=jsonl")
             if not os.path.isfile(path):
-                raise ConfigError(f"data.{key}: {path} does not exist, expected a JSONL file (see scripts/prepare_data.py)")
-        if cfg.model.path is None:
-            raise ConfigError("model.path: missing, expected a saved HF model directory for data.task=jsonl")
+                raise ConfigError(f"data.{key}: {path} does not exist, expected a JSONL file of prompts")
     if cfg.model.path is not None and not os.path.isdir(cfg.model.path):
         raise ConfigError(f"model.path: {cfg.model.path} is not a directory, expected a saved HF model (save_pretrained)")
     if cfg.dapo.overlong_buffer >= cfg.rollout.max_new_tokens:
