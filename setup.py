@@ -31,7 +31,7 @@ setup(
         ],
     },
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "deepspeed>=0.19,<0.20"],
         # What OpenRLHF needs that installs on a CPU machine; OpenRLHF itself is installed with
         # --no-deps by .ci/run because its metadata pulls GPU-only packages (flash-attn, vllm).
         "openrlhf": ["deepspeed>=0.19,<0.20", "ray[default]>=2.40", "peft", "datasets", "math-verify>=0.9"],

@@ -11,7 +11,9 @@ import torch.multiprocessing as mp
 
 
 def _entry(rank: int, world: int, init_file: str, fn, args) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # What torchrun would export; DeepSpeed reads them and runs on its CPU accelerator.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)

@@ -31,7 +31,10 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+import torch.distributed as dist
+
 from .entropy import entropy_from_logits, log_probs_from_logits
+from .vocab_parallel import vocab_parallel_entropy, vocab_parallel_log_probs
 
 METHODS = ("chunked", "naive", "kv_copy")
 PREDICT_MODES = ("postfix", "next_token")
@@ -215,25 +218,124 @@ def _check_no_sliding_window(model) -> None:
 
 
 def _default_chunk_tokens(rows: int, key_len: int, postfix_len: int, model) -> int:
-    """Largest C * rows * P whose probe forward fits DEFAULT_PROBE_MEMORY_BYTES.
+    """Largest C * rows * P whose probe forward fits DEFAULT_PROBE_MEMORY_BYTES, with at most
+    max(256, key_len // 8) probe tokens (C * P) per row.
 
     Per forward with q = C * P new tokens per row: fp32 attention scores rows * heads * q * (S + q)
     (eager/sdpa-math materialise them), the additive mask rows * q * (S + q), the MLP activations
     rows * q * intermediate and the kept logits rows * C * V (times 3 for the softmax temporaries).
+    The cap: every query of a chunk is computed against the whole q-token block of its row, of
+    which only its own P tokens are visible, so the wasted part grows as q / (S / 2 + q) and a
+    larger block saves nothing once rows * 256 tokens fill the matrix multiplies.
     """
     cfg = _text_config(model)
     heads = getattr(cfg, "num_attention_heads", 16)
     inter = getattr(cfg, "intermediate_size", 4 * getattr(cfg, "hidden_size", 1024))
     vocab = getattr(cfg, "vocab_size", 32000)
+    max_row_tokens = max(256, key_len // 8)
 
     def cost(c: int) -> int:
         q = c * postfix_len
         return 4 * rows * (q * (key_len + q) * (heads + 1) + 3 * q * inter + 3 * c * vocab)
 
     c = 1
-    while cost(2 * c) <= DEFAULT_PROBE_MEMORY_BYTES and c < key_len:
+    while cost(2 * c) <= DEFAULT_PROBE_MEMORY_BYTES and c < key_len and 2 * c * postfix_len <= max_row_tokens:
         c *= 2
     return c * rows * postfix_len
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed layout: read off the engine, so the caller passes nothing but the model.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How the model's weights are spread over ranks, as far as the estimator cares.
+
+    tp_group: ranks that split every layer (AutoTP); they must run identical forwards.
+    vocab_parallel: the LM head returns logits for [vocab_start, vocab_end) only.
+    zero_stage: 3 means every forward gathers parameters over all ranks, so every rank must run
+        the same number of forwards even when its batch is shorter.
+    """
+
+    tp_group: object | None = None
+    tp_size: int = 1
+    vocab_parallel: bool = False
+    vocab_start: int = 0
+    vocab_end: int = 0
+    zero_stage: int = 0
+
+    @property
+    def count_sync(self) -> bool:
+        return self.zero_stage == 3 and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def parallel_layout(model) -> ParallelLayout:
+    """Detect AutoTP (any layer with a `mp_group` of size > 1), a vocab-parallel LM head
+    (DeepSpeed's `VocabParallelLinear`) and the ZeRO stage, from the engine or module itself."""
+    hf = _hf_model(model)
+    tp_group, tp_size = None, 1
+    for module in hf.modules():
+        size = getattr(module, "tp_world_size", 1)
+        if getattr(module, "mp_group", None) is not None and size > 1:
+            tp_group, tp_size = module.mp_group, size
+            break
+    head = hf.get_output_embeddings()
+    vocab_parallel = bool(getattr(head, "is_vocab_parallel_lm_head", False))
+    if hasattr(model, "zero_optimization_stage"):
+        zero = int(model.zero_optimization_stage())
+    else:
+        zero = 3 if any(hasattr(p, "ds_id") for p in hf.parameters()) else 0
+    if vocab_parallel and tp_group is None:
+        raise ValueError("model: the LM head is vocab-parallel but no tensor-parallel group was found on its layers")
+    return ParallelLayout(
+        tp_group=tp_group, tp_size=tp_size, vocab_parallel=vocab_parallel,
+        vocab_start=int(getattr(head, "vocab_start_index", 0)), vocab_end=int(getattr(head, "vocab_end_index", 0)),
+        zero_stage=zero,
+    )
+
+
+def _entropy(logits: torch.Tensor, layout: ParallelLayout, temperature: float) -> torch.Tensor:
+    if layout.vocab_parallel:
+        return vocab_parallel_entropy(logits, layout.tp_group, temperature)
+    return entropy_from_logits(logits, temperature)
+
+
+def _log_probs(logits: torch.Tensor, labels: torch.Tensor, layout: ParallelLayout, temperature: float) -> torch.Tensor:
+    if layout.vocab_parallel:
+        return vocab_parallel_log_probs(logits, labels, layout.vocab_start, layout.vocab_end, layout.tp_group, temperature)
+    return log_probs_from_logits(logits, labels, temperature)
+
+
+def _check_same_batch(layout: ParallelLayout, input_ids: torch.Tensor, key_valid: torch.Tensor, n_probes: int) -> None:
+    """TP ranks run one model between them: a different batch on one rank would hang or corrupt
+    every layer's collectives. Compare a fingerprint first and fail on every rank alike."""
+    if layout.tp_group is None:
+        return
+    ids = input_ids.long() * key_valid.long()
+    weights = torch.arange(1, ids.shape[1] + 1, device=ids.device)
+    mine = torch.tensor(
+        [ids.shape[0], ids.shape[1], n_probes, int((ids * weights).sum()), int(key_valid.sum())], dtype=torch.long
+    )
+    gathered = [torch.zeros_like(mine) for _ in range(layout.tp_size)]
+    dist.all_gather(gathered, mine, group=layout.tp_group)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        shapes = ", ".join(f"rank {r}: {tuple(g[:2].tolist())} tokens, {int(g[2])} probes" for r, g in enumerate(gathered))
+        raise ValueError(
+            f"sequences: tensor-parallel ranks hold different batches ({shapes}); every rank of a TP group "
+            "must get the same samples (as OpenRLHF's actor does)"
+        )
+
+
+def _forwards_to_match(layout: ParallelLayout, mine: int) -> int:
+    """Under ZeRO-3 every forward is a collective parameter gather: ranks with fewer probe chunks
+    run empty ones until all have run the largest count."""
+    if not layout.count_sync:
+        return mine
+    count = torch.tensor([mine], dtype=torch.long)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +547,12 @@ def _run(
     n_out = len(per_sample)
     out = torch.zeros(n_out, width + 1, dtype=torch.float32)
     log_probs = None
+    layout = parallel_layout(model)
+    distributed = layout.tp_group is not None or layout.count_sync
+    if distributed and method != "chunked":
+        raise ValueError(f"method: got {method!r} on a distributed engine, expected 'chunked' (the references are single-process)")
     with _inference(model):
+        _check_same_batch(layout, input_ids, key_valid, len(probes.row) if predict_mode == "postfix" else 0)
         if method == "naive" and predict_mode == "postfix":
             values = _naive(model, input_ids, key_valid, probes, postfix, temperature)
         else:
@@ -463,11 +570,11 @@ def _run(
             if need_logits:
                 # logits: (N, width + 1, V) at the `keep` columns
                 if return_log_probs:
-                    lp = log_probs_from_logits(logits[:, :width], labels, temperature)
+                    lp = _log_probs(logits[:, :width], labels, layout, temperature)
                     valid = torch.arange(width, device=lp.device) < n.to(lp.device).unsqueeze(-1)
                     log_probs = torch.where(valid, lp, torch.zeros_like(lp)).cpu()
                 if predict_mode == "next_token":
-                    h = entropy_from_logits(logits, temperature).cpu()
+                    h = _entropy(logits, layout, temperature).cpu()
                     valid = torch.arange(width + 1) <= n.unsqueeze(-1)
                     out = torch.where(valid, h, torch.zeros_like(h))
                     return (out, log_probs) if return_log_probs else out
@@ -475,7 +582,7 @@ def _run(
             with _sdpa_attention(model):
                 if method == "chunked":
                     cache.freeze()
-                    values = _chunked(model, key_valid, probes, postfix, cache, budget, temperature)
+                    values = _chunked(model, key_valid, probes, postfix, cache, budget, temperature, layout)
                 else:
                     values = _kv_copy(model, key_valid, probes, postfix, cache, chunk_tokens, temperature)
     for k, positions in enumerate(per_sample):
@@ -532,8 +639,16 @@ def _additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~visible, torch.finfo(dtype).min)
 
 
-def _chunked(model, key_valid, probes: _Probes, postfix, cache: _ProbeCache, budget, temperature) -> torch.Tensor:
+def _chunked(
+    model, key_valid, probes: _Probes, postfix, cache: _ProbeCache, budget, temperature, layout: ParallelLayout
+) -> torch.Tensor:
     """Entropy at every probe, (N,). Rows are visited in blocks and probes in chunks of C per row.
+
+    Chunks run from the last probes of each row to the first. A chunk attends to the cache
+    columns [0, base) only, base being the end of the visible range of every probe not done yet,
+    and its probe keys are written at [base, base + C * P): over cache columns that no remaining
+    probe sees. So early positions skip the masked tail of the cache (about half of the attention
+    work for a padded batch) at no copy; the cache is consumed.
 
     The schedule depends only on the probe list, so every rank holding the same batch runs the
     same sequence of forwards (tensor parallelism needs that for its collectives).
@@ -544,7 +659,10 @@ def _chunked(model, key_valid, probes: _Probes, postfix, cache: _ProbeCache, bud
     rows, key_len = key_valid.shape
     postfix = postfix.to(device)
     values = torch.zeros(len(probes.row), dtype=torch.float32)
-    order = torch.argsort(probes.row * (len(probes.row) + 1) + probes.j, stable=True)
+    # Rank of each probe in its row by the end of its visible range (= by position in the padded
+    # layout), so that the probes still to do after a chunk all see a prefix of [0, base).
+    # hi <= key_len keeps the rows apart in the sort key.
+    order = torch.argsort(probes.row * (key_len + 1) + probes.hi, stable=True)
     counts = torch.bincount(probes.row, minlength=rows)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(order)
@@ -554,13 +672,18 @@ def _chunked(model, key_valid, probes: _Probes, postfix, cache: _ProbeCache, bud
     per_row = max(1, budget // (rows_per_block * p_len))
     cols = torch.arange(key_len, device=device)
     self_block = torch.ones(p_len, p_len, dtype=torch.bool, device=device).tril()
+    forwards = 0
     for r0 in range(0, rows, rows_per_block):
         r1 = min(rows, r0 + rows_per_block)
         cache.select_rows(slice(r0, r1))
         in_block = (probes.row >= r0) & (probes.row < r1)
         max_rank = int(rank[in_block].max()) + 1 if in_block.any() else 0
-        for c0 in range(0, max_rank, per_row):
-            sel = (in_block & (rank >= c0) & (rank < c0 + per_row)).nonzero().flatten()
+        for c0 in reversed(range(0, max_rank, per_row)):
+            todo = in_block & (rank < c0 + per_row)
+            sel = (todo & (rank >= c0)).nonzero().flatten()
+            base = int(probes.hi[todo].max())
+            for layer in cache.layers:
+                layer.base = base
             c = min(per_row, max_rank - c0)
             nr = r1 - r0
             # Empty slots probe nothing and see only their own block (no fully masked query row).
@@ -570,8 +693,8 @@ def _chunked(model, key_valid, probes: _Probes, postfix, cache: _ProbeCache, bud
             slot_r, slot_c = probes.row[sel] - r0, rank[sel] - c0
             lo[slot_r, slot_c], hi[slot_r, slot_c], pos[slot_r, slot_c] = probes.lo[sel], probes.hi[sel], probes.pos[sel]
             lo, hi, pos = lo.to(device), hi.to(device), pos.to(device)
-            # (nr, c, S): which cached keys each probe block sees.
-            see_cache = key_valid[r0:r1, None, :] & (cols >= lo[..., None]) & (cols < hi[..., None])
+            # (nr, c, base): which cached keys each probe block sees.
+            see_cache = key_valid[r0:r1, None, :base] & (cols[:base] >= lo[..., None]) & (cols[:base] < hi[..., None])
             see_cache = see_cache.repeat_interleave(p_len, dim=1)
             see_self = torch.block_diag(*([self_block] * c)).expand(nr, -1, -1)
             mask = _additive_mask(torch.cat([see_cache, see_self], dim=-1).unsqueeze(1), dtype)
@@ -585,8 +708,27 @@ def _chunked(model, key_valid, probes: _Probes, postfix, cache: _ProbeCache, bud
                 use_cache=True,
                 logits_to_keep=last_tokens,
             )
-            h = entropy_from_logits(out.logits, temperature).cpu()  # (nr, c)
-            values[sel] = h[slot_r, slot_c]
+            logits = out.logits.reshape(nr * c, -1)
+            # On CPU, entropy over cache-sized blocks of rows: whole-chunk fp32 temporaries of
+            # 100+ MB would be page-faulted in afresh by every chunk.
+            # Vocab-parallel shards may differ in width across ranks, and each block is a collective:
+            # there one block for all rows keeps the number of all-reduces equal on every rank.
+            cpu_blocks = device.type == "cpu" and not layout.vocab_parallel
+            step = max(1, (8 << 20) // (4 * logits.shape[-1])) if cpu_blocks else len(logits)
+            h = torch.cat([_entropy(logits[i : i + step], layout, temperature) for i in range(0, len(logits), step)])
+            values[sel] = h.reshape(nr, c).cpu()[slot_r, slot_c]
+            forwards += 1
+    # ZeRO-3: match the busiest rank with empty probes (one token block seeing only itself; the
+    # cache is consumed by now, so writing at slot 0 harms nothing).
+    cache.select_rows(slice(0, 1))
+    for layer in cache.layers:
+        layer.base = 0
+    for _ in range(_forwards_to_match(layout, forwards) - forwards):
+        mask = _additive_mask(torch.ones(1, 1, p_len, p_len, dtype=torch.bool, device=device).tril(), dtype)
+        out = model(input_ids=postfix.unsqueeze(0), attention_mask=mask,
+                    position_ids=torch.arange(p_len, device=device).unsqueeze(0), past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        _entropy(out.logits[:, -1], layout, temperature)
     cache.select_rows(slice(None))
     return values
 
