@@ -154,6 +154,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return [_coerce(v, item, key) for v in value]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads 5e-5 (no dot) as a string; users write it that way all the time.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: got {value!r}, expected true or false")
     if annotation in (int, float) and isinstance(value, bool) or not isinstance(value, annotation):

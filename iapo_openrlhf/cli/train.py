@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        from transformers.utils import logging as hf_logging
+
         from ..local.trainer import LocalTrainer  # heavy imports only after the config is valid
+
+        hf_logging.disable_progress_bar()  # per-file load/save bars drown the training bar
 
         trainer = LocalTrainer(cfg, progress=not args.quiet)
         history = trainer.train(resume=args.resume)
