@@ -233,3 +233,13 @@ def test_token_mi_bad_input():
         token_mi(torch.zeros(2, 5), torch.ones(2, 4), smoothing="x")
     with pytest.raises(ValueError, match="horizon: got 0"):
         token_mi(torch.zeros(2, 5), torch.ones(2, 4), horizon=0)
+
+
+def test_long_stride_with_uneven_rows(qwen):
+    """Regression: with stride 8 a long row's positions exceed the probe count, which once made
+    probes of different rows collide in the chunk schedule."""
+    seq, att, act = padded_batch([3, 2, 5], [40, 1, 17], seed=8)
+    ref = answer_entropy(qwen, seq, att, act, POSTFIX, probe_stride=8, method="naive")
+    for chunk_tokens in (None, 7):
+        got = answer_entropy(qwen, seq, att, act, POSTFIX, probe_stride=8, chunk_tokens=chunk_tokens)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
