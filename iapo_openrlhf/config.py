@@ -26,8 +26,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str | None = None  # a saved HF model directory; None: a tiny model (warm-started on the synthetic task)
     dtype: str = "float32"  # float32 | bfloat16
-    warmstart_steps: int = 300  # SFT steps of the synthetic warm start when path is None
-    warmstart_lr: float = 3e-3
+    warmstart_steps: int = 750  # SFT steps of the synthetic warm start when path is None
+    warmstart_lr: float = 1e-2
 
 
 @dataclass
