@@ -1,0 +1,208 @@
+"""The synthetic task and the warm start: what the CPU-scale RL runs rely on."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from iapo_openrlhf.tasks.synthetic import (
+    MAX_NUMBER,
+    NUMBER_WORDS,
+    TAGS,
+    SyntheticTask,
+    build_tokenizer,
+    check_answer,
+    split_of,
+    vocabulary,
+)
+from iapo_openrlhf.tasks.warmstart import evaluate, tiny_qwen2_config, warm_start
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def traces():
+    task = SyntheticTask(3)
+    rng = random.Random(0)
+    return [(p, task.sample_trace(p, rng)) for p in task.problems("train", 300)]
+
+
+def test_generator_is_deterministic_in_the_seed():
+    def draw(seed: int) -> list[tuple[str, str]]:
+        task = SyntheticTask(seed)
+        rng = random.Random(seed)
+        return [(p.prompt, task.sample_trace(p, rng).completion) for p in task.problems("train", 50)]
+
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+    task = SyntheticTask(1)
+    assert task.problems("test", 20) == task.problems("test", 40)[:20]
+
+
+def test_answers_follow_the_question():
+    task = SyntheticTask(0)
+    for problem in task.problems("train", 500) + task.problems("test", 100):
+        assert 2 <= len(problem.steps) <= 4
+        start = problem.sentences[0].split()[2]
+        value = NUMBER_WORDS.index(start)
+        for step, sentence in zip(problem.steps, problem.sentences[1:-1]):
+            _, order, verb, amount, _ = sentence.split()
+            assert (step.order, step.verb, step.right) == (order, verb, NUMBER_WORDS.index(amount))
+            assert step.left == value
+            value = value + step.right if step.op == "+" else value - step.right
+            assert step.result == value and 0 <= value <= MAX_NUMBER
+        assert problem.answer == value
+        assert len({s.verb for s in problem.steps}) == len(problem.steps)
+        assert problem.prompt == problem.question + "<think>"
+
+
+def test_train_and_test_are_disjoint():
+    task = SyntheticTask(0)
+    train = {p.canonical for p in task.problems("train", 3000)}
+    test = [p.canonical for p in task.problems("test", 300)]
+    assert len(set(test)) == len(test) == 300
+    assert not train & set(test)
+    # The split is a function of the problem alone: another seed's test problems are never in
+    # this seed's training set.
+    other = {p.canonical for p in SyntheticTask(7).problems("test", 300)}
+    assert not train & other
+    assert all(split_of(c, 0.1) == "test" for c in other)
+
+
+def test_redundancy_labels_align_with_tokens(tokenizer, traces):
+    n_redundant = []
+    for problem, trace in traces:
+        ids = tokenizer(trace.completion, add_special_tokens=False).input_ids
+        assert list(trace.token_ids) == ids
+        assert len(trace.redundant_mask) == len(ids)
+        necessary = [i for i, r in zip(ids, trace.redundant_mask) if not r]
+        redundant = [i for i, r in zip(ids, trace.redundant_mask) if r]
+        # Dropping the redundant tokens leaves exactly the necessary steps and the answer ...
+        expected = "".join(s.text for s in problem.steps) + f"</think><answer>{problem.answer}</answer>"
+        assert tokenizer.decode(necessary) == expected
+        # ... and the redundant tokens are exactly the inserted segments, in order.
+        inserted = [s for s in trace.segments if s.redundant]
+        assert tokenizer.decode(redundant) == "".join(s.text for s in inserted)
+        assert all(s.kind in ("restate", "check", "filler") for s in inserted)
+        n_redundant.append(len(inserted))
+    assert min(n_redundant) == 0 and max(n_redundant) == 6  # concise and verbose traces mixed
+    assert sum(n == 0 for n in n_redundant) > 0.15 * len(n_redundant)
+
+
+def test_no_redundancy_gives_concise_traces():
+    task = SyntheticTask(0, redundancy=0.0)
+    rng = random.Random(0)
+    for problem in task.problems("train", 50):
+        trace = task.sample_trace(problem, rng)
+        assert not any(trace.redundant_mask)
+        assert [s.kind for s in trace.segments] == ["step"] * len(problem.steps) + ["answer"]
+
+
+def test_tokenizer_round_trip(tokenizer, traces):
+    for problem, trace in traces:
+        for text in (problem.prompt, trace.completion):
+            assert tokenizer.decode(tokenizer(text).input_ids) == text  # nothing unknown or dropped
+        whole = tokenizer(problem.prompt + trace.completion).input_ids
+        assert whole == tokenizer(problem.prompt).input_ids + list(trace.token_ids)
+        assert tokenizer.unk_token_id not in whole
+    # Every word of the closed vocabulary is one token, numbers are digits.
+    for word in {w for p, t in traces for w in (p.prompt + t.completion).split()}:
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer(" " + word).input_ids)
+        if not word.isdigit() and not any(tag in word for tag in TAGS):
+            assert len(pieces) == 1, (word, pieces)
+    # The estimator's postfix continues any prefix with the same two tokens the traces end with.
+    postfix = tokenizer("</think><answer>", add_special_tokens=False).input_ids
+    assert postfix == tokenizer.convert_tokens_to_ids(["</think>", "<answer>"])
+    for _, trace in traces:
+        k = trace.token_ids.index(postfix[0])
+        assert list(trace.token_ids[k : k + 2]) == postfix
+
+
+def test_tokenizer_specials_and_answer_decoding(tokenizer):
+    assert (tokenizer.pad_token, tokenizer.eos_token) == ("<pad>", "<eos>")
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert len(tokenizer) == len(vocabulary()[0])
+    ids = tokenizer(" first buys five , 7 + 5 = 12 .</think><answer>12</answer>").input_ids
+    text = tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True)
+    assert text.endswith("</think><answer>12</answer>")  # tags survive skip_special_tokens
+
+
+def test_tokenizer_saves_and_loads_offline_next_to_a_qwen2_config(tokenizer, traces, tmp_path):
+    # A Qwen2 config makes AutoTokenizer rebuild a Qwen2Tokenizer from vocab + merges: the
+    # tokenizer must come back identical through that path, which OpenRLHF and vLLM take.
+    tiny_qwen2_config(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(loaded) == len(tokenizer)
+    assert (loaded.pad_token_id, loaded.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    for problem, trace in traces[:50]:
+        text = problem.prompt + trace.completion
+        assert loaded(text).input_ids == tokenizer(text).input_ids
+        assert loaded.decode(loaded(text).input_ids) == text
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        (" first buys five , 7 + 5 = 12 .</think><answer>12</answer>", True),
+        ("</think><answer> 12 </answer>", True),
+        ("<answer>3</answer> changed my mind <answer>12</answer>", True),
+        ("</think><answer>13</answer>", False),
+        ("<answer>12</answer><answer>13</answer>", False),
+        ("</think><answer>twelve</answer>", False),
+        ("</think><answer>12", False),
+        ("7 + 5 = 12 .", False),
+        ("", False),
+    ],
+)
+def test_check_answer(completion, expected):
+    assert check_answer(completion, 12) is expected
+
+
+def test_check_answer_takes_a_problem():
+    problem = SyntheticTask(0).problems("test", 1)[0]
+    assert check_answer(f"</think><answer>{problem.answer}</answer>", problem)
+    assert not check_answer(f"</think><answer>{problem.answer + 1}</answer>", problem)
+
+
+def test_export_jsonl(tmp_path):
+    task = SyntheticTask(0)
+    path = task.export_jsonl(tmp_path / "train.jsonl", "train", 20)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 20
+    tokenizer = build_tokenizer()
+    for row, problem in zip(rows, task.problems("train", 20)):
+        assert set(row) == {"prompt", "answer", "completion", "redundant_mask"}
+        assert (row["prompt"], row["answer"]) == (problem.prompt, problem.answer)
+        assert len(row["redundant_mask"]) == len(tokenizer(row["completion"]).input_ids)
+        assert check_answer(row["completion"], problem)
+
+
+def test_tiny_config_fits_vllm(tokenizer):
+    config = tiny_qwen2_config(tokenizer)
+    assert config.head_dim >= 32 and config.hidden_size == config.num_attention_heads * config.head_dim
+    assert config.vocab_size == len(tokenizer) and config.tie_word_embeddings
+
+
+def test_warm_start_writes_a_loadable_model(tmp_path):
+    out = warm_start(tmp_path / "policy", steps=3, batch_size=4, n_train_problems=64, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == len(tokenizer)
+    problems = SyntheticTask(0).problems("test", 2)
+    torch.manual_seed(0)
+    result = evaluate(model, tokenizer, problems, samples=2, max_new_tokens=8)
+    assert 0.0 <= result["accuracy"] <= 1.0 and 0 < result["mean_length"] <= 8
+    # Same seed, same weights.
+    again = AutoModelForCausalLM.from_pretrained(
+        warm_start(tmp_path / "again", steps=3, batch_size=4, n_train_problems=64, progress=False)
+    )
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
