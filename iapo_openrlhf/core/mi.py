@@ -343,9 +343,13 @@ def _forwards_to_match(layout: ParallelLayout, mine: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_common(method, predict_mode, postfix_ids, probe_stride, temperature, chunk_tokens) -> torch.Tensor | None:
+def _check_common(
+    method, predict_mode, postfix_ids, probe_stride, temperature, chunk_tokens, return_log_probs
+) -> torch.Tensor | None:
     if method not in METHODS:
         raise ValueError(f"method: got {method!r}, expected one of {METHODS}")
+    if return_log_probs and method != "chunked":
+        raise ValueError(f"return_log_probs: needs method='chunked', got method={method!r}")
     if predict_mode not in PREDICT_MODES:
         raise ValueError(f"predict_mode: got {predict_mode!r}, expected one of {PREDICT_MODES}")
     if not isinstance(probe_stride, int) or probe_stride < 1:
@@ -392,9 +396,7 @@ def answer_entropy(
         forward (0 on masked tokens, temperature-scaled like OpenRLHF's actor), so the actor pays
         one forward for pi_old and the MI. Needs method "chunked".
     """
-    postfix = _check_common(method, predict_mode, postfix_ids, probe_stride, temperature, chunk_tokens)
-    if return_log_probs and method != "chunked":
-        raise ValueError(f"return_log_probs: needs method='chunked', got method={method!r}")
+    postfix = _check_common(method, predict_mode, postfix_ids, probe_stride, temperature, chunk_tokens, return_log_probs)
     if sequences.dim() != 2 or attention_mask.shape != sequences.shape:
         raise ValueError(
             f"attention_mask: got shape {tuple(attention_mask.shape)} for sequences {tuple(sequences.shape)}, "
@@ -460,9 +462,7 @@ def answer_entropy_packed(
     ignored. Returns (N, W + 1) with W = response_width or max(response_lens), and (N, W) log-probs
     with return_log_probs, in the same column convention as `answer_entropy`.
     """
-    postfix = _check_common(method, predict_mode, postfix_ids, probe_stride, temperature, chunk_tokens)
-    if return_log_probs and method != "chunked":
-        raise ValueError(f"return_log_probs: needs method='chunked', got method={method!r}")
+    postfix = _check_common(method, predict_mode, postfix_ids, probe_stride, temperature, chunk_tokens, return_log_probs)
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
