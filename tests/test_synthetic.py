@@ -10,7 +10,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from iapo_openrlhf.tasks.synthetic import (
-    MAX_NUMBER,
     NUMBER_WORDS,
     TAGS,
     SyntheticTask,
@@ -50,16 +49,16 @@ def test_answers_follow_the_question():
     task = SyntheticTask(0)
     for problem in task.problems("train", 500) + task.problems("test", 100):
         assert 2 <= len(problem.steps) <= 4
-        start = problem.sentences[0].split()[2]
-        value = NUMBER_WORDS.index(start)
+        value = int(problem.sentences[0].split()[2])
         for step, sentence in zip(problem.steps, problem.sentences[1:-1]):
-            _, order, verb, amount, _ = sentence.split()
+            amount, verb, order, _ = sentence.split()
             assert (step.order, step.verb, step.right) == (order, verb, NUMBER_WORDS.index(amount))
             assert step.left == value
             value = value + step.right if step.op == "+" else value - step.right
-            assert step.result == value and 0 <= value <= MAX_NUMBER
+            assert step.result == value and 0 <= value <= task.max_value
         assert problem.answer == value
         assert len({s.verb for s in problem.steps}) == len(problem.steps)
+        assert problem.steps[-1].order == "last" and len({s.order for s in problem.steps}) == len(problem.steps)
         assert problem.prompt == problem.question + "<think>"
 
 
@@ -129,7 +128,7 @@ def test_tokenizer_specials_and_answer_decoding(tokenizer):
     assert (tokenizer.pad_token, tokenizer.eos_token) == ("<pad>", "<eos>")
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert len(tokenizer) == len(vocabulary()[0])
-    ids = tokenizer(" first buys five , 7 + 5 = 12 .</think><answer>12</answer>").input_ids
+    ids = tokenizer(" first bought five , 7 + 5 = 12 .</think><answer>12</answer>").input_ids
     text = tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True)
     assert text.endswith("</think><answer>12</answer>")  # tags survive skip_special_tokens
 
@@ -151,7 +150,7 @@ def test_tokenizer_saves_and_loads_offline_next_to_a_qwen2_config(tokenizer, tra
 @pytest.mark.parametrize(
     ("completion", "expected"),
     [
-        (" first buys five , 7 + 5 = 12 .</think><answer>12</answer>", True),
+        (" first bought five , 7 + 5 = 12 .</think><answer>12</answer>", True),
         ("</think><answer> 12 </answer>", True),
         ("<answer>3</answer> changed my mind <answer>12</answer>", True),
         ("</think><answer>13</answer>", False),
@@ -188,7 +187,7 @@ def test_export_jsonl(tmp_path):
 def test_tiny_config_fits_vllm(tokenizer):
     config = tiny_qwen2_config(tokenizer)
     assert config.head_dim >= 32 and config.hidden_size == config.num_attention_heads * config.head_dim
-    assert config.vocab_size == len(tokenizer) and config.tie_word_embeddings
+    assert config.vocab_size == len(tokenizer)
 
 
 def test_warm_start_writes_a_loadable_model(tmp_path):

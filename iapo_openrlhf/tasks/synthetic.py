@@ -2,18 +2,20 @@
 
 Why it exists: the CPU-scale runs (README job, CI, reproduction study) need a task on which a tiny
 model, trained from scratch in minutes, is accurate but not perfect and verbose in a controlled
-way. Word problems ("Tom has seven apples . He first buys five . ...") have exactly checkable integer
-answers, and their chains of thought mix the necessary steps (" first buys five , 7 + 5 = 12 .") with redundant
-segments whose positions are known token by token, so that what RL removes can be measured.
+way. Word problems have exactly checkable integer answers, and their chains of thought mix the
+necessary steps with redundant segments whose positions are known token by token, so that what RL
+removes can be measured.
 
 Format (the IAPO estimator's default postfix "</think><answer>" is a natural continuation of any
 prefix of the trace: the tags are single tokens and nothing else sits between trace and tag):
-    prompt     = question + "<think>"
-    completion = " first buys five , 7 + 5 = 12 . next sells three , 12 - 3 = 9 .</think><answer>9</answer>"
-`tokenizer.decode(tokenizer(text).input_ids) == text` for every prompt and completion.
+    prompt     = "Tom has 7 apples , five bought first , three sold last . How many apples does Tom have ?<think>"
+    completion = " first bought five , 7 + 5 = 12 . check 7 + 5 = 12 . last sold three , 12 - 3 = 9 ."
+                 "</think><answer>9</answer>"
+`tokenizer.decode(tokenizer(text).input_ids) == text` for every prompt and completion. No spaces
+around the tags: Qwen2's pre-tokenizer would make them tokens of their own.
 
 Token labels (`Trace.redundant_mask`, aligned with `tokenizer(completion).input_ids`, no EOS):
-1 for tokens of redundant segments (restatements of the question, re-checks of a step already
+1 for tokens of redundant segments (restatements of the question, re-checks of the step just
 done, filler), 0 for necessary steps and for the closing "</think><answer>N</answer>" tokens.
 `Trace.segments` keeps the finer classes (step / answer / restate / check / filler).
 """
@@ -36,27 +38,29 @@ from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
 Split = Literal["train", "test"]
 
-MAX_NUMBER = 99  # every value in a problem (operands, intermediates, answer) lies in [0, MAX_NUMBER]
-
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
 TAGS = (THINK, END_THINK, ANSWER, END_ANSWER)
 
-_NAMES = {"Tom": "He", "Sam": "He", "Ben": "He", "Ann": "She", "Mia": "She", "Eve": "She"}
+_NAMES = ("Ann", "Ben", "Eve", "Mia", "Sam", "Tom")
 _OBJECTS = ("apples", "pens", "coins", "books", "cards", "stamps")
-# Question numbers are words (one token each) and the trace computes in digits: copying
-# " buys five" out of the question is then a one-token lookup, where copying digits would need the
-# model to skip the separate space token that Qwen2's pre-tokenizer puts before every number.
+# Amounts are words (one token each) and the trace computes in digits: copying an amount out of
+# the question is then a one-token lookup, where copying digits would need the model to skip the
+# separate space token that Qwen2's pre-tokenizer puts before every number. The starting value
+# stays in digits: the only digits of the prompt, it is copied without being confused with them.
 NUMBER_WORDS = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen twenty"
 ).split()
-# Single-token verbs, one sentence shape (" He next buys five .") and an adverb that names each
-# operation's place: the trace repeats adverb, verb and amount, so finding the next operation is
-# copying the word after a unique anchor (one attention hop) rather than counting sentences.
-ORDER_WORDS = ("first", "next", "then", "finally")
-_ADD_VERBS = ("buys", "finds", "gets", "wins")
-_SUB_VERBS = ("loses", "sells", "uses", "drops")
+# Each operation is one clause "five bought first": amount, verb, then an adverb naming the
+# operation's place. The trace writes them backwards (" first bought five"), so each copy out of
+# the question is one attention hop (to the same word in the question, reading the word before
+# it) instead of a search for the k-th clause; verbs are distinct within a problem so the hop is
+# unambiguous. This is what makes the task learnable by a 2-layer model in minutes (measured).
+# The last operation is always "last", so whether the trace goes on is read off its own last step.
+ORDER_WORDS = ("first", "next", "later", "last")
+_ADD_VERBS = ("bought", "found", "won", "received")
+_SUB_VERBS = ("sold", "lost", "used", "dropped")
 _FILLERS = ("let me think .", "wait .", "ok .", "hmm .", "let me see .", "so far so good .")
 _FIXED_WORDS = "has How many does have ? . , + - = check"
 
@@ -69,10 +73,8 @@ _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 @dataclass(frozen=True)
 class Step:
-    """One necessary step: the operation it reads (" next buys five ,") and its equation
-    (" 7 + 5 = 12 ."). Verbs are distinct within a problem, so each copy out of the question has a
-    unique anchor; this is what makes the task learnable by a 2-layer model in minutes.
-    """
+    """One necessary step: the clause it reads (" first bought five ,") and its equation
+    (" 7 + 5 = 12 .")."""
 
     left: int
     op: Literal["+", "-"]
@@ -89,6 +91,10 @@ class Step:
     def text(self) -> str:
         return f" {self.order} {self.verb} {NUMBER_WORDS[self.right]} ,{self.equation}"
 
+    @property
+    def clause(self) -> str:
+        return f"{NUMBER_WORDS[self.right]} {self.verb} {self.order}"
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -96,7 +102,7 @@ class Problem:
     prompt: str
     answer: int
     steps: tuple[Step, ...]
-    sentences: tuple[str, ...]  # the question's sentences, which restatements repeat
+    sentences: tuple[str, ...]  # the question's clauses as sentences, which restatements repeat
 
     @property
     def canonical(self) -> tuple[int, tuple[tuple[str, int], ...]]:
@@ -145,7 +151,8 @@ class SyntheticTask:
 
     `redundancy` is the probability that a trace is verbose at all; a verbose trace gets a number
     of redundant segments drawn uniformly from 0 .. `max_redundant`, so SFT data mixes concise and
-    verbose traces of widely varying length.
+    verbose traces of widely varying length. Every value stays in [0, `max_value`]: with 30 the
+    digit arithmetic is learnt within the warm-start budget, which sets the defaults.
     """
 
     def __init__(
@@ -158,6 +165,7 @@ class SyntheticTask:
         max_ops: int = 4,
         start_range: tuple[int, int] = (2, 20),
         amount_range: tuple[int, int] = (1, 9),
+        max_value: int = 30,
         test_fraction: float = 0.1,
     ):
         if not 0.0 <= redundancy <= 1.0:
@@ -165,15 +173,15 @@ class SyntheticTask:
         if not 1 <= min_ops <= max_ops <= len(ORDER_WORDS):
             raise ValueError(f"need 1 <= min_ops <= max_ops <= {len(ORDER_WORDS)}, got {min_ops}, {max_ops}")
         top = len(NUMBER_WORDS) - 1
-        if not (0 <= start_range[0] <= start_range[1] <= top and 1 <= amount_range[0] <= amount_range[1] <= top):
-            raise ValueError(f"start/amount ranges must lie in [0, {top}] (amounts >= 1): they are written as words")
+        if not (0 <= start_range[0] <= start_range[1] <= max_value and 1 <= amount_range[0] <= amount_range[1] <= top):
+            raise ValueError(f"need start in [0, max_value={max_value}] and amounts in [1, {top}] (written as words)")
         if not 0.0 < test_fraction < 1.0:
             raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
         self.seed = seed
         self.redundancy = redundancy
         self.max_redundant = max_redundant
         self.min_ops, self.max_ops = min_ops, max_ops
-        self.start_range, self.amount_range = start_range, amount_range
+        self.start_range, self.amount_range, self.max_value = start_range, amount_range, max_value
         self.test_fraction = test_fraction
 
     # -- problems ----------------------------------------------------------------------------
@@ -199,26 +207,27 @@ class SyntheticTask:
         return out
 
     def _random_problem(self, rng: random.Random) -> Problem:
-        name = rng.choice(sorted(_NAMES))
-        pronoun, obj = _NAMES[name], rng.choice(_OBJECTS)
+        name, obj = rng.choice(_NAMES), rng.choice(_OBJECTS)
         value = rng.randint(*self.start_range)
-        sentences = [f"{name} has {NUMBER_WORDS[value]} {obj} ."]
+        clauses = [f"{name} has {value} {obj}"]
         steps: list[Step] = []
         used_verbs: set[str] = set()
-        for order in ORDER_WORDS[: rng.randint(self.min_ops, self.max_ops)]:
-            ops = [op for op, ok in (("+", value + self.amount_range[0] <= MAX_NUMBER), ("-", value >= self.amount_range[0])) if ok]
-            op = rng.choice(ops)
-            hi = min(self.amount_range[1], MAX_NUMBER - value if op == "+" else value)
+        n_ops = rng.randint(self.min_ops, self.max_ops)
+        for order in (*ORDER_WORDS[: n_ops - 1], ORDER_WORDS[-1]):
+            lo = self.amount_range[0]
+            op = rng.choice([op for op, ok in (("+", value + lo <= self.max_value), ("-", value >= lo)) if ok])
+            hi = min(self.amount_range[1], self.max_value - value if op == "+" else value)
             amount = rng.randint(self.amount_range[0], hi)
             result = value + amount if op == "+" else value - amount
             verb = rng.choice([v for v in (_ADD_VERBS if op == "+" else _SUB_VERBS) if v not in used_verbs])
             used_verbs.add(verb)
-            sentences.append(f"{pronoun} {order} {verb} {NUMBER_WORDS[amount]} .")
             steps.append(Step(value, op, amount, result, order, verb))
+            clauses.append(steps[-1].clause)
             value = result
-        sentences.append(f"How many {obj} does {name} have ?")
-        question = " ".join(sentences)
-        return Problem(question, question + THINK, value, tuple(steps), tuple(sentences))
+        ask = f"How many {obj} does {name} have ?"
+        question = f"{' , '.join(clauses)} . {ask}"
+        sentences = (*(c + " ." for c in clauses), ask)
+        return Problem(question, question + THINK, value, tuple(steps), sentences)
 
     # -- traces ------------------------------------------------------------------------------
 
@@ -262,7 +271,12 @@ class SyntheticTask:
         with path.open("w", encoding="utf-8") as f:
             for problem in self.problems(split, n):
                 trace = self.sample_trace(problem, rng)
-                row = {"prompt": problem.prompt, "answer": problem.answer, "completion": trace.completion, "redundant_mask": list(trace.redundant_mask)}
+                row = {
+                    "prompt": problem.prompt,
+                    "answer": problem.answer,
+                    "completion": trace.completion,
+                    "redundant_mask": list(trace.redundant_mask),
+                }
                 f.write(json.dumps(row) + "\n")
         return path
 
@@ -278,7 +292,7 @@ def vocabulary() -> tuple[list[str], list[tuple[str, str]]]:
     uses, then one token per merge. Numbers stay digits, as in Qwen2.5.
     """
     words: list[str] = []
-    for text in (*_NAMES.values(), *_OBJECTS, *ORDER_WORDS, *_ADD_VERBS, *_SUB_VERBS, *NUMBER_WORDS, *_FILLERS, _FIXED_WORDS):
+    for text in (*_OBJECTS, *ORDER_WORDS, *_ADD_VERBS, *_SUB_VERBS, *NUMBER_WORDS, *_FILLERS, _FIXED_WORDS):
         words.extend(" " + w for w in text.split() if " " + w not in words)
     words.extend(n for name in _NAMES for n in (" " + name, name))
     to_bytes = ByteLevel.alphabet()
