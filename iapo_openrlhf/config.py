@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str | None = None  # a saved HF model directory; None: a tiny model (warm-started on the synthetic task)
     dtype: str = "float32"  # float32 | bfloat16
-    warmstart_steps: int = 750  # SFT steps of the synthetic warm start when path is None
+    warmstart_steps: int = 1000  # SFT steps of the synthetic warm start when path is None
     warmstart_lr: float = 1e-2
 
 
@@ -38,7 +38,7 @@ class DataConfig:
     input_key: str = "question"
     label_key: str = "answer"
     system_prompt: str = "r1"  # r1 | none
-    redundancy: float = 0.5  # synthetic: chance of a redundant segment between steps
+    redundancy: float = 0.8  # synthetic: chance that a warm-start trace is verbose at all
     num_test: int = 64  # test problems for periodic and final evaluation (0: whole split)
 
 
