@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from ..local.rollout import generate
 from .synthetic import Problem, SyntheticTask, build_tokenizer, check_answer
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels
@@ -154,7 +155,6 @@ def warm_start(
     return out_dir
 
 
-@torch.no_grad()
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerFast,
@@ -167,34 +167,15 @@ def evaluate(
     batch_size: int = 64,
 ) -> dict[str, float]:
     """Accuracy and completion length (tokens before EOS) over `samples` completions per problem
-    (one when greedy). A quick check of a warm start, not the project's P@k evaluation."""
-    model.eval()
+    (one when greedy). A quick check of a warm start, not the project's P@k evaluation; it samples
+    through the rollout path (top_k=0) so its numbers describe the policy RL starts from."""
     prompts = [p for p in problems for _ in range(1 if greedy else samples)]
-    correct, lengths = [], []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        encoded = tokenizer([p.prompt for p in chunk], add_special_tokens=False).input_ids
-        width = max(map(len, encoded))
-        input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, ids in enumerate(encoded):  # left padding, so every row continues from its prompt
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[i, width - len(ids) :] = 1
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            do_sample=not greedy,
-            temperature=None if greedy else temperature,
-            top_k=None,
-            top_p=None,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )[:, width:]
-        for problem, row in zip(chunk, out.tolist()):
-            n = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
-            lengths.append(n)
-            correct.append(check_answer(tokenizer.decode(row[:n]), problem))
+    out = generate(
+        model, tokenizer, [p.prompt for p in prompts],
+        max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, batch_size=batch_size,
+    )
+    lengths = (out.lengths - (~out.truncated).long()).tolist()
+    correct = [check_answer(text, problem) for text, problem in zip(out.completions, prompts)]
     return {
         "accuracy": sum(correct) / len(correct),
         "mean_length": statistics.fmean(lengths),
