@@ -7,7 +7,12 @@ import math
 import pytest
 import torch
 
-from iapo_openrlhf.core.advantages import iapo_advantages, masked_sequence_normalize
+from iapo_openrlhf.core.advantages import (
+    group_normalized_rewards,
+    iapo_advantages,
+    information_shaping,
+    masked_sequence_normalize,
+)
 
 
 def _mask(rows):
@@ -43,6 +48,22 @@ def test_hand_computed_mi_and_exploration_terms():
         ]
     )
     torch.testing.assert_close(adv, expect, atol=1e-5, rtol=0)
+
+
+def test_shaping_is_the_token_part_of_the_advantage():
+    # The OpenRLHF plugin adds information_shaping to OpenRLHF's own group_norm advantages.
+    torch.manual_seed(1)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    mask = _mask([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    mi, pi = torch.randn(4, 4), torch.rand(4, 4)
+    correct = torch.tensor([True, False, False, True])
+    shaping = information_shaping(mi, pi, mask, correct, alpha=0.7, beta=0.2)
+    full = iapo_advantages(rewards, mi, pi, mask, group_size=2, alpha=0.7, beta=0.2, correct=correct)
+    group = group_normalized_rewards(rewards, 2, 1e-6).unsqueeze(-1) * mask
+    torch.testing.assert_close(group + shaping, full, atol=1e-6, rtol=0)
+    assert (shaping[~mask.bool()] == 0).all() and shaping[mask.bool()].abs().sum() > 0
+    with pytest.raises(ValueError, match="correct: got None"):
+        information_shaping(mi, pi, mask, None, alpha=0.0, beta=0.2)
 
 
 def test_masked_positions_exactly_zero_and_no_nan():

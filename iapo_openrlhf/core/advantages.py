@@ -57,12 +57,10 @@ def exploration_signal(
     return sign * confidence
 
 
-def _validate(rewards, mi, pi_old, action_mask, group_size, alpha, beta, correct, eps, exploration) -> None:
+def _validate_shaping(mi, pi_old, action_mask, alpha, beta, correct, eps, exploration) -> None:
     if action_mask.dim() != 2:
         raise ValueError(f"action_mask: got shape {tuple(action_mask.shape)}, expected (B, A)")
     b, a = action_mask.shape
-    if rewards.shape != (b,):
-        raise ValueError(f"rewards: got shape {tuple(rewards.shape)}, expected ({b},) to match action_mask (B, A)")
     for name, value, weight in (("mi", mi, alpha), ("pi_old", pi_old, beta)):
         if value is None:
             if weight != 0:
@@ -78,11 +76,6 @@ def _validate(rewards, mi, pi_old, action_mask, group_size, alpha, beta, correct
         raise ValueError(f"eps: got {eps}, expected a number > 0")
     if exploration not in EXPLORATION_MODES:
         raise ValueError(f"exploration: got {exploration!r}, expected one of {EXPLORATION_MODES}")
-    if not isinstance(group_size, int) or group_size < 2 or b % group_size != 0:
-        raise ValueError(
-            f"group_size: got {group_size} for a batch of {b}, expected an integer >= 2 that divides the batch "
-            "(IAPO normalises rewards within groups of samples of the same prompt)"
-        )
     empty = (action_mask.sum(-1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"action_mask: rows {empty[:8]} have no valid token, expected at least one per row")
@@ -93,6 +86,38 @@ def _validate(rewards, mi, pi_old, action_mask, group_size, alpha, beta, correct
                 f"pi_old: got values in [{valid.min().item():.3g}, {valid.max().item():.3g}], expected probabilities "
                 "in [0, 1] (pass action_log_probs.exp(), not log-probs)"
             )
+
+
+def information_shaping(
+    mi: torch.Tensor | None,
+    pi_old: torch.Tensor | None,
+    action_mask: torch.Tensor,
+    correct: torch.Tensor | None,
+    *,
+    alpha: float,
+    beta: float,
+    eps: float = 1e-6,
+    exploration: str = "prob",
+) -> torch.Tensor:
+    """alpha * norm(s; seq) + beta * norm(c; seq): the token-wise part of the IAPO advantage, (B, A)
+    fp32, 0 on masked positions.
+
+    Kept apart from the reward term so the OpenRLHF plugin can add it to the advantages OpenRLHF
+    itself computed (group_norm, KL-in-reward, length penalties), which keeps alpha = beta = 0
+    identical to OpenRLHF. mi, pi_old: (B, A) as in `iapo_advantages`; correct: (B,) bool
+    exploration sign, needed when beta != 0.
+    """
+    _validate_shaping(mi, pi_old, action_mask, alpha, beta, correct, eps, exploration)
+    valid = action_mask.bool()
+    shaping = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    if alpha != 0:
+        shaping = shaping + alpha * masked_sequence_normalize(mi, valid, eps)
+    if beta != 0:
+        if correct is None:
+            raise ValueError("correct: got None with a nonzero beta, expected a (B,) bool tensor (the exploration sign)")
+        c = exploration_signal(pi_old, correct, exploration)
+        shaping = shaping + beta * masked_sequence_normalize(c, valid, eps)
+    return torch.where(valid, shaping, torch.zeros_like(shaping))
 
 
 def iapo_advantages(
@@ -117,13 +142,18 @@ def iapo_advantages(
     correct: (B,) bool deciding the exploration sign; defaults to rewards > 0.
     eps: added to every std (group and per-sequence).
     """
-    _validate(rewards, mi, pi_old, action_mask, group_size, alpha, beta, correct, eps, exploration)
+    if action_mask.dim() != 2:
+        raise ValueError(f"action_mask: got shape {tuple(action_mask.shape)}, expected (B, A)")
+    b = action_mask.shape[0]
+    if rewards.shape != (b,):
+        raise ValueError(f"rewards: got shape {tuple(rewards.shape)}, expected ({b},) to match action_mask (B, A)")
+    if not isinstance(group_size, int) or group_size < 2 or b % group_size != 0:
+        raise ValueError(
+            f"group_size: got {group_size} for a batch of {b}, expected an integer >= 2 that divides the batch "
+            "(IAPO normalises rewards within groups of samples of the same prompt)"
+        )
+    sign = (rewards > 0) if correct is None else correct
+    shaping = information_shaping(mi, pi_old, action_mask, sign, alpha=alpha, beta=beta, eps=eps, exploration=exploration)
     valid = action_mask.bool()
-    adv = group_normalized_rewards(rewards, group_size, eps).float().unsqueeze(-1).expand(valid.shape)
-    if alpha != 0:
-        adv = adv + alpha * masked_sequence_normalize(mi, valid, eps)
-    if beta != 0:
-        sign_source = rewards > 0 if correct is None else correct
-        c = exploration_signal(pi_old, sign_source, exploration)
-        adv = adv + beta * masked_sequence_normalize(c, valid, eps)
+    adv = group_normalized_rewards(rewards, group_size, eps).float().unsqueeze(-1) + shaping
     return torch.where(valid, adv, torch.zeros_like(adv))
