@@ -126,7 +126,8 @@ def test_math_answers(executor):
     response = " ... </think> <answer>\\boxed{\\dfrac{3}{4}}</answer><|im_end|>"
     assert numbers(fetch(executor, PLAIN_PROMPT + response, PLAIN_PROMPT, "\\frac{3}{4}")) == (1.5, 1.0, 1.0, 1.0)
     response = " ... </think> <answer>(3, -\\frac{1}{2})</answer><|im_end|>"
-    assert numbers(fetch(executor, PLAIN_PROMPT + response, PLAIN_PROMPT, "\\left( 3, -\\frac{1}{2} \\right)"))[1] == 1.0
+    gold = "\\left( 3, -\\frac{1}{2} \\right)"
+    assert numbers(fetch(executor, PLAIN_PROMPT + response, PLAIN_PROMPT, gold))[1] == 1.0
 
 
 def test_query_not_starting_with_the_prompt(executor):
@@ -140,7 +141,11 @@ def test_query_not_starting_with_the_prompt(executor):
 
 @pytest.mark.parametrize(
     "scheme, rewards",
-    [("paper", [1.5, 0.5, -0.5, -1.5]), ("correctness", [1.0, 1.0, 0.0, 0.0]), ("correctness_pm1", [1.0, 1.0, -1.0, -1.0])],
+    [
+        ("paper", [1.5, 0.5, -0.5, -1.5]),
+        ("correctness", [1.0, 1.0, 0.0, 0.0]),
+        ("correctness_pm1", [1.0, 1.0, -1.0, -1.0]),
+    ],
 )
 def test_scheme_from_environment(monkeypatch, scheme, rewards):
     monkeypatch.setenv(reward_module.SCHEME_ENV, scheme)
@@ -216,6 +221,7 @@ def test_end_to_end_through_execute_and_experience(executor, template_think):
 
 def test_path_command():
     out = subprocess.run(
-        [sys.executable, "-m", "iapo_openrlhf.openrlhf.reward_func", "--path"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "iapo_openrlhf.openrlhf.reward_func", "--path"],
+        capture_output=True, text=True, check=True,
     )
     assert out.stdout.strip() == PATH and PATH.endswith("reward_func.py")
