@@ -28,13 +28,18 @@ setup(
         "console_scripts": [
             "iapo-train=iapo_openrlhf.cli.train:main",
             "iapo-eval=iapo_openrlhf.cli.eval:main",
+            "iapo-train-ray=iapo_openrlhf.openrlhf.launch:cli",
         ],
     },
     extras_require={
         "test": ["pytest>=8", "deepspeed>=0.19,<0.20"],
         # What OpenRLHF needs that installs on a CPU machine; OpenRLHF itself is installed with
         # --no-deps by .ci/run because its metadata pulls GPU-only packages (flash-attn, vllm).
-        "openrlhf": ["deepspeed>=0.19,<0.20", "ray[default]>=2.40", "peft", "datasets", "math-verify>=0.9"],
-        "gpu": ["vllm", "flash-attn"],
+        "openrlhf": [
+            "deepspeed>=0.19,<0.20", "ray[default]>=2.55,<3", "peft", "datasets", "torchdata", "aiohttp",
+            "einops", "jsonlines", "tensorboard", "math-verify>=0.9",
+        ],
+        # A GPU cluster: OpenRLHF with its own pins (vLLM, flash-attn) on top of the above.
+        "gpu": ["openrlhf[vllm]>=0.11.2,<0.12", "flash-attn>=2.8"],
     },
 )

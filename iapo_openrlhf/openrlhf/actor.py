@@ -1,0 +1,150 @@
+"""IAPO policy actor: OpenRLHF's Ray `PolicyModelActor` whose forward also returns the per-token MI.
+
+Why a subclass of the actor and not a separate model: the estimator must run on the actor's own
+DeepSpeed engine (ZeRO shards, AutoTP shards, no second copy of 7B weights), and its preload
+forward is the one that gives OpenRLHF its old log-probs, so pi_old and the MI cost one pass.
+
+Import this module only after OpenRLHF can be imported (on CPU: `cpu_stubs.install()` first).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import ray
+import torch
+import torch.distributed as dist
+from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
+
+from ..config import IapoConfig
+from ..core.mi import answer_entropy, answer_entropy_packed, token_mi
+from .settings import iapo_config_from_args, needs_mi, needs_next_token_entropy, postfix_token_ids
+
+
+def unwrap_ray_class(actor_class) -> type:
+    """The plain Python class behind a `@ray.remote` class: Ray forbids subclassing the wrapper."""
+    plain = getattr(actor_class, "__ray_actor_class__", None)
+    if plain is None:
+        raise TypeError(
+            f"{actor_class!r} exposes no __ray_actor_class__; this Ray version is not supported, "
+            "expected ray>=2.55 (pip install 'ray[default]>=2.55,<3')"
+        )
+    return plain
+
+
+def _packed_inputs(sequences: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor):
+    """OpenRLHF's padded batch (left-padded prompts, right-padded responses) as one packed row,
+    the way its `packing_samples` path feeds the model: (1, T) ids, sequence and response lengths."""
+    att = attention_mask.bool()
+    ids = sequences[att].unsqueeze(0)
+    return ids, att.sum(-1).tolist(), action_mask.bool().sum(-1).tolist()
+
+
+@torch.no_grad()
+def iapo_forward(
+    actor,
+    sequences: torch.Tensor,
+    action_mask: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cfg: IapoConfig,
+    postfix_ids: list[int],
+    *,
+    packing: bool = False,
+) -> dict[str, torch.Tensor]:
+    """One estimator pass on an OpenRLHF `Actor` (its `.model` a DeepSpeed engine or a HF model).
+
+    sequences, attention_mask: (B, S); action_mask: (B, A), the response columns, a prefix of
+    ones per row. Returns fp32 tensors:
+      action_log_probs (B, A): what `Actor.forward` returns (temperature-scaled, 0 on padding);
+      mi (B, A) when alpha != 0, with answer_entropy_first / answer_entropy_last (B,);
+      next_token_entropy (B, A) when beta != 0 and exploration == "entropy".
+    """
+    if not (needs_mi(cfg) or needs_next_token_entropy(cfg)):
+        raise ValueError("iapo_forward: alpha = 0 and no entropy exploration, nothing to estimate (use Actor.forward)")
+    engine = actor.model
+    temperature = float(getattr(actor, "temperature", 1.0))
+    a = action_mask.shape[1]
+    common = dict(chunk_tokens=cfg.chunk_tokens, temperature=temperature, return_log_probs=True)
+
+    def estimate(postfix, predict_mode: str, stride: int):
+        if packing:
+            ids, seq_lens, resp_lens = _packed_inputs(sequences, attention_mask, action_mask)
+            return answer_entropy_packed(engine, ids, seq_lens, resp_lens, postfix, response_width=a,
+                                         predict_mode=predict_mode, probe_stride=stride, **common)
+        return answer_entropy(engine, sequences, attention_mask, action_mask, postfix,
+                              predict_mode=predict_mode, probe_stride=stride, **common)
+
+    was_training = actor.training
+    actor.eval()
+    try:
+        out: dict[str, torch.Tensor] = {}
+        valid = action_mask.bool()
+        lengths = valid.sum(-1)
+        if needs_mi(cfg):
+            postfix = postfix_ids if cfg.predict_mode == "postfix" else None
+            h, log_probs = estimate(postfix, cfg.predict_mode, cfg.probe_stride)
+            out["mi"] = token_mi(h, valid, smoothing=cfg.mi_smoothing, horizon=cfg.mi_horizon, decay=cfg.mi_decay)
+            out["answer_entropy_first"] = h[:, 0]
+            out["answer_entropy_last"] = h.gather(1, lengths.unsqueeze(-1)).squeeze(-1)
+            if needs_next_token_entropy(cfg) and cfg.predict_mode == "next_token":
+                out["next_token_entropy"] = torch.where(valid, h[:, :-1], 0.0)
+        if needs_next_token_entropy(cfg) and "next_token_entropy" not in out:
+            h_next, log_probs = estimate(None, "next_token", 1)
+            out["next_token_entropy"] = torch.where(valid, h_next[:, :-1], 0.0)
+        out["action_log_probs"] = log_probs * valid.float()
+    finally:
+        actor.train(was_training)
+    return out
+
+
+def is_group_leader(strategy) -> bool:
+    """First rank of its ring-attention x tensor-parallel block: the one whose results OpenRLHF's
+    experience maker keeps (`ray.get(refs)[::duplicate_factor]`); the others return None."""
+    if not dist.is_initialized():
+        return True
+    block = strategy.args.ds.ring_attn_size * strategy.args.ds.tensor_parallel_size
+    return dist.get_rank() % block == 0
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class IAPOPolicyModelActor(unwrap_ray_class(PolicyModelActor)):
+    """PolicyModelActor + the MI estimator in `forward` (see `iapo_forward`)."""
+
+    def init_model_from_pretrained(self, strategy, pretrain, max_steps=None, vllm_engines=None):
+        super().init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)
+        self.iapo = iapo_config_from_args(strategy.args)
+        self.iapo_postfix_ids = postfix_token_ids(self.tokenizer, self.iapo)
+        if strategy.args.ds.ring_attn_size > 1 and (needs_mi(self.iapo) or needs_next_token_entropy(self.iapo)):
+            raise ValueError(
+                "--ds.ring_attn_size > 1: the IAPO estimator does not run under ring attention, "
+                "expected --ds.ring_attn_size 1 (use --ds.tensor_parallel_size for long sequences)"
+            )
+
+    def forward(
+        self,
+        sequences: torch.LongTensor,
+        action_mask: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        packed_seq_lens=None,
+        mm_train_inputs_list=None,
+    ):
+        if not (needs_mi(self.iapo) or needs_next_token_entropy(self.iapo)):
+            return super().forward(sequences, action_mask, attention_mask, packed_seq_lens, mm_train_inputs_list)
+        if mm_train_inputs_list and any(mm_train_inputs_list):
+            raise ValueError("IAPO's MI estimator takes text-only batches; got multimodal inputs")
+        device = _device()
+        out = iapo_forward(
+            self.actor, sequences.to(device), action_mask.to(device), attention_mask.to(device),
+            self.iapo, self.iapo_postfix_ids, packing=bool(self.strategy.args.ds.packing_samples),
+        )
+        if not is_group_leader(self.strategy):
+            return None
+        return {key: value.to("cpu") for key, value in out.items()}
+
+
+# What RayActorGroup instantiates (it calls .options(...).remote(...) on the class it is given).
+IAPOPolicyModelActorRemote = ray.remote(num_gpus=1)(IAPOPolicyModelActor)
+

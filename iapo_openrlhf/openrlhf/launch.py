@@ -1,0 +1,255 @@
+"""`iapo-train-ray`: OpenRLHF's `train_ppo_ray` with the IAPO actor and experience maker.
+
+How it reuses OpenRLHF instead of copying it: `openrlhf.cli.train_ppo_ray` builds its parser and
+checks its arguments inline under `if __name__ == "__main__":`. We execute that very block (read
+from the installed module) in the module's own namespace with two names rebound: `argparse`, whose
+ArgumentParser becomes `IAPOArgumentParser` (adds `--iapo.*` and `--dry-run`, validates IAPO's
+combinations, one-line errors), and `train`, which either prints the dry run or calls OpenRLHF's
+real `train(args)` with the IAPO classes substituted for `PolicyModelActor` and `PPOTrainer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import json
+import math
+import os
+import sys
+from types import SimpleNamespace
+from typing import Any
+from unittest import mock
+
+from ..config import ConfigError
+from . import OpenRLHFVersionError, check_openrlhf_version, cpu_stubs
+from .settings import add_iapo_arguments, iapo_config_from_args, postfix_token_ids
+
+PROG = "iapo-train-ray"
+# OpenRLHF estimators IAPO can sit on: the shaping is added to a per-prompt group baseline.
+GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
+
+
+class UsageError(Exception):
+    """A bad argument combination: printed as one line, exit code 2."""
+
+
+class IAPOArgumentParser(argparse.ArgumentParser):
+    """OpenRLHF's parser (it adds its own options to this instance) plus IAPO's."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("prog", PROG)
+        kwargs.setdefault("description", "OpenRLHF's Ray PPO trainer (train_ppo_ray) with IAPO advantage shaping.")
+        super().__init__(*args, **kwargs)
+        self.add_argument("--dry-run", action="store_true",
+                          help="validate every option with OpenRLHF's parser, print the resolved settings and the "
+                               "Ray resource layout, start nothing")
+        add_iapo_arguments(self)
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {PROG} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        # IAPO normalises rewards within prompt groups: default to OpenRLHF's GRPO baseline.
+        self.set_defaults(**{"algo.advantage.estimator": "group_norm"})
+        parsed = super().parse_args(args, namespace)
+        check_iapo_combination(parsed)
+        return parsed
+
+
+def check_iapo_combination(args: argparse.Namespace) -> None:
+    """IAPO-specific impossible combinations, before OpenRLHF's own checks and any Ray actor."""
+    get = lambda key: getattr(args, key)  # noqa: E731 - flat dotted names before hierarchize
+    try:
+        cfg = iapo_config_from_args(args)
+    except ConfigError as e:
+        raise UsageError(f"--{e}") from None
+    if get("rollout.n_samples_per_prompt") < 2:
+        raise UsageError(
+            f"--rollout.n_samples_per_prompt {get('rollout.n_samples_per_prompt')}: IAPO normalises rewards within "
+            "the samples of one prompt, expected >= 2 (the paper uses 8)"
+        )
+    estimator = get("algo.advantage.estimator")
+    if estimator not in GROUP_ESTIMATORS:
+        kind = "critic-based (gae)" if estimator == "gae" else "not a per-prompt group baseline"
+        raise UsageError(
+            f"--algo.advantage.estimator {estimator}: {kind}, expected one of {list(GROUP_ESTIMATORS)} "
+            "(IAPO adds its token shaping to a group-normalised reward)"
+        )
+    if get("train.async_enable"):
+        raise UsageError("--train.async_enable: the IAPO experience maker is wired into the synchronous PPOTrainer "
+                         "only, expected it off")
+    if get("ds.ring_attn_size") > 1 and (cfg.alpha != 0 or cfg.exploration == "entropy"):
+        raise UsageError("--ds.ring_attn_size > 1: the MI estimator does not run under ring attention, expected 1 "
+                         "(use --ds.tensor_parallel_size to shard long sequences)")
+    for url in (get("reward.remote_url") or "").split(","):
+        if url.endswith(".py") and not os.path.isfile(url):
+            raise UsageError(f"--reward.remote_url {url}: no such file, expected a reward function file "
+                             "(python -m iapo_openrlhf.openrlhf.reward_func --path prints ours)")
+    tokenizer = _local_tokenizer(get("actor.model_name_or_path"))
+    if tokenizer is not None:
+        try:
+            postfix_token_ids(tokenizer, cfg)
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
+    args.iapo_postfix_checked = tokenizer is not None
+
+
+def _local_tokenizer(path: str | None):
+    """The actor's tokenizer if it is on this machine (no download: the postfix check is then
+    left to the actor's start-up)."""
+    if not path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=True)
+    except Exception:  # noqa: BLE001 - any failure means "not available here"
+        return None
+
+
+def _namespace_dict(ns: Any) -> Any:
+    if isinstance(ns, SimpleNamespace):
+        return {k: _namespace_dict(v) for k, v in sorted(vars(ns).items())}
+    if isinstance(ns, (list, tuple)):
+        return [_namespace_dict(v) for v in ns]
+    return ns
+
+
+def resource_layout(args: SimpleNamespace) -> list[dict[str, Any]]:
+    """Ray groups OpenRLHF will create for these args, with GPUs and how they share devices."""
+    actor_gpus = args.actor.num_nodes * args.actor.num_gpus_per_node
+    tp, ring = args.ds.tensor_parallel_size, args.ds.ring_attn_size
+    rows = [{
+        "group": "actor (IAPOPolicyModelActor, DeepSpeed)", "gpus": actor_gpus,
+        "detail": f"{args.actor.num_nodes} node(s) x {args.actor.num_gpus_per_node}; ZeRO-{args.ds.zero_stage}, "
+                  f"AutoTP {tp}, ring {ring}, data-parallel {actor_gpus // max(tp * ring, 1)}",
+        "shares": None,
+    }]
+    colocate_all, colocate_ref = args.train.colocate_all, args.train.colocate_actor_ref
+    if args.algo.kl.init_coef > 0:
+        rows.append({
+            "group": "reference (KL)", "gpus": args.ref.num_nodes * args.ref.num_gpus_per_node,
+            "detail": f"{args.ref.num_nodes} node(s) x {args.ref.num_gpus_per_node}",
+            "shares": "actor" if (colocate_all or colocate_ref) else None,
+        })
+    if args.vllm.num_engines:
+        rows.append({
+            "group": "vLLM rollout engines", "gpus": args.vllm.num_engines * args.vllm.tensor_parallel_size,
+            "detail": f"{args.vllm.num_engines} engine(s) x TP {args.vllm.tensor_parallel_size}",
+            "shares": "actor" if colocate_all and not args.train.async_enable else None,
+        })
+    if not args.reward.remote_url:
+        rows.append({
+            "group": "reward model", "gpus": args.reward.num_nodes * args.reward.num_gpus_per_node,
+            "detail": args.reward.model_name_or_path, "shares": "actor" if colocate_all else None,
+        })
+    return rows
+
+
+def print_dry_run(args: SimpleNamespace, out=sys.stdout) -> None:
+    settings = _namespace_dict(args)
+    print("Resolved settings (OpenRLHF's parser and checks passed):", file=out)
+    print(json.dumps(settings, indent=1, sort_keys=True, default=str), file=out)
+    rows = resource_layout(args)
+    total = sum(r["gpus"] for r in rows if r["shares"] is None)
+    per_node = args.actor.num_gpus_per_node
+    print("\nRay resource layout:", file=out)
+    print("| group | GPUs | layout | shares GPUs with |", file=out)
+    print("| --- | --- | --- | --- |", file=out)
+    for r in rows:
+        print(f"| {r['group']} | {r['gpus']} | {r['detail']} | {r['shares'] or '-'} |", file=out)
+    print(f"\nGPUs requested: {total} ({math.ceil(total / per_node)} node(s) of {per_node} GPUs)", file=out)
+    samples = args.rollout.batch_size * args.rollout.n_samples_per_prompt
+    print(f"Samples per rollout step: {args.rollout.batch_size} prompts x {args.rollout.n_samples_per_prompt} = "
+          f"{samples}; PPO batch {args.train.batch_size}, micro batches {args.train.micro_batch_size} (train) / "
+          f"{args.rollout.micro_batch_size} (experience)", file=out)
+    i = args.iapo
+    postfix = "checked" if getattr(args, "iapo_postfix_checked", False) else "checked when the actor starts (tokenizer not on this machine)"
+    print(f"IAPO: alpha {i.alpha}, beta {i.beta}, postfix {i.postfix!r} ({postfix}), predict_mode {i.predict_mode}, "
+          f"probe_stride {i.probe_stride}, exploration {i.exploration}", file=out)
+
+
+def _openrlhf_main_block(module) -> ast.Module:
+    tree = ast.parse(inspect.getsource(module))
+    for node in tree.body:
+        test = node.test if isinstance(node, ast.If) else None
+        if (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
+                and isinstance(test.comparators[0], ast.Constant) and test.comparators[0].value == "__main__"):
+            return ast.Module(body=node.body, type_ignores=[])
+    raise OpenRLHFVersionError(f"{module.__file__} has no `if __name__ == '__main__':` block; this OpenRLHF is unsupported")
+
+
+def _check_gpu_stack() -> None:
+    missing = cpu_stubs.missing_gpu_packages()
+    if missing:
+        raise UsageError(
+            f"{' and '.join(missing)} not installed: a training run needs the GPU stack "
+            "(pip install -e '.[gpu]'); on this machine only --dry-run and --help work"
+        )
+
+
+def run_training(args: SimpleNamespace) -> None:
+    """OpenRLHF's own train(args) with the IAPO actor and trainer classes in place."""
+    import openrlhf.cli.train_ppo_ray as orl_cli
+    import openrlhf.trainer.ppo_trainer as orl_trainer
+
+    from .actor import IAPOPolicyModelActorRemote
+    from .trainer import IAPOPPOTrainerRemote
+
+    # train() reads PolicyModelActor from its module globals and imports PPOTrainer at call time.
+    with mock.patch.object(orl_cli, "PolicyModelActor", IAPOPolicyModelActorRemote), \
+            mock.patch.object(orl_trainer, "PPOTrainer", IAPOPPOTrainerRemote):
+        orl_cli.train(args)
+
+
+def parse_args(argv: list[str]) -> SimpleNamespace:
+    """OpenRLHF's parser and inline checks plus IAPO's, on `argv`; the hierarchised args.
+
+    Raises UsageError (IAPO's checks, argparse errors) or AssertionError (OpenRLHF's checks).
+    """
+    check_openrlhf_version()
+    if cpu_stubs.missing_gpu_packages():
+        # A CPU machine: let --help / --dry-run import OpenRLHF (a real run is refused later),
+        # and name DeepSpeed's accelerator so it does not warn that it had to guess.
+        cpu_stubs.install()
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import openrlhf.cli.train_ppo_ray as orl_cli
+
+    block = compile(_openrlhf_main_block(orl_cli), orl_cli.__file__, "exec")
+    parser_module = SimpleNamespace(**vars(argparse))
+    parser_module.ArgumentParser = IAPOArgumentParser
+    captured: list[SimpleNamespace] = []
+    namespace = dict(vars(orl_cli), argparse=parser_module, train=captured.append, __name__="__main__")
+    old_argv = sys.argv
+    sys.argv = [PROG, *argv]
+    try:
+        exec(block, namespace)  # OpenRLHF's own parser construction and argument checks, then train(args)
+    finally:
+        sys.argv = old_argv
+    if not captured:
+        raise OpenRLHFVersionError("OpenRLHF's train_ppo_ray main block ended without calling train(args)")
+    return captured[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+        if not args.dry_run:
+            _check_gpu_stack()
+    except (UsageError, OpenRLHFVersionError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except AssertionError as e:  # OpenRLHF's inline argument checks are asserts
+        print(f"{PROG}: error: {e or 'OpenRLHF rejected the argument combination'}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print_dry_run(args)
+    else:
+        run_training(args)
+    return 0
+
+
+def cli() -> None:
+    sys.exit(main())
