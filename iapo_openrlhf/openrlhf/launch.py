@@ -147,7 +147,8 @@ def resource_layout(args: SimpleNamespace) -> list[dict[str, Any]]:
     return rows
 
 
-def print_dry_run(args: SimpleNamespace, out=sys.stdout) -> None:
+def print_dry_run(args: SimpleNamespace, out=None) -> None:
+    out = out or sys.stdout
     settings = _namespace_dict(args)
     print("Resolved settings (OpenRLHF's parser and checks passed):", file=out)
     print(json.dumps(settings, indent=1, sort_keys=True, default=str), file=out)
@@ -253,3 +254,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

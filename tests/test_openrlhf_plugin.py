@@ -1,0 +1,314 @@
+"""The OpenRLHF plugin against OpenRLHF's own classes: experience maker, Experience plumbing, CLI.
+
+OpenRLHF is imported for real; its two GPU-only imports (flash_attn, vllm) are served by
+`cpu_stubs` on this CPU machine (README: "How the tests reach OpenRLHF").
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from iapo_openrlhf.openrlhf import cpu_stubs
+
+cpu_stubs.install()
+pytest.importorskip("openrlhf", reason="OpenRLHF is installed by .ci/run (pip install --no-deps openrlhf)")
+
+from openrlhf.trainer.ppo_utils.experience import Experience, split_experience_batch  # noqa: E402
+from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
+from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
+
+from iapo_openrlhf.core.advantages import iapo_advantages  # noqa: E402
+from iapo_openrlhf.openrlhf import launch  # noqa: E402
+from iapo_openrlhf.openrlhf.experience_maker import IAPOExperienceMaker  # noqa: E402
+
+G = 4  # samples per prompt
+
+
+def _args(*extra: str) -> SimpleNamespace:
+    """Real hierarchised args from OpenRLHF's parser (through ours), for a tiny local setup."""
+    return launch.parse_args([
+        "--actor.model_name_or_path", "/nonexistent/tiny", "--rollout.n_samples_per_prompt", str(G),
+        "--rollout.batch_size", "2", "--train.batch_size", "8", "--rollout.micro_batch_size", "4",
+        "--actor.num_gpus_per_node", "1", "--ref.num_gpus_per_node", "1", "--reward.remote_url", __file__,
+        *extra,
+    ])
+
+
+def _experiences(seed: int = 0, with_kl: bool = False) -> list[Experience]:
+    """Two micro-batches of 4 completions each (2 prompts x G=4), in a shuffled rollout order as
+    OpenRLHF's dynamic batching leaves them (`index` maps each row to its rollout position)."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(2 * G, generator=gen).tolist()
+    experiences = []
+    for part in (order[:4], order[4:]):
+        lengths = torch.randint(1, 7, (4,), generator=gen)
+        width = int(lengths.max()) + 1
+        action_mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(-1)
+        prompt = torch.ones(4, 3, dtype=torch.long)
+        log_probs = -torch.rand(4, width, generator=gen) * 3 * action_mask
+        correct = torch.rand(4, generator=gen) > 0.5
+        rewards = torch.where(correct, 1.0, -1.0) + torch.where(torch.rand(4, generator=gen) > 0.3, 0.5, -0.5)
+        exp = Experience(
+            sequences=torch.cat([prompt, torch.randint(5, 50, (4, width), generator=gen)], dim=1),
+            attention_mask=torch.cat([prompt, action_mask.long()], dim=1),
+            action_mask=action_mask,
+            action_log_probs=log_probs,
+            kl=(torch.rand(4, width, generator=gen) * 0.1 * action_mask) if with_kl else torch.zeros(4, width),
+            rewards=rewards,
+            scores=correct.float(),
+            response_length=lengths.float(),
+            total_length=(lengths + 3).float(),
+            index=part,
+            info={"reward": rewards.clone(), "iapo/mi": torch.randn(4, width, generator=gen) * action_mask},
+        )
+        experiences.append(exp)
+    return experiences
+
+
+def _maker(cls, args):
+    strategy = SimpleNamespace(args=args)
+    return cls(None, None, None, None, FixedKLController(args.algo.kl.init_coef), strategy, tokenizer=None)
+
+
+def _in_rollout_order(experiences, attr):
+    """(2G, A) rows of `attr` placed by each row's rollout index, padded to a common width."""
+    rows = {}
+    for e in experiences:
+        value = getattr(e, attr) if isinstance(attr, str) else attr(e)
+        for i, idx in enumerate(e.index):
+            rows[idx] = value[i]
+    width = max(r.shape[-1] for r in rows.values())
+    return torch.stack([torch.nn.functional.pad(rows[i].float(), (0, width - rows[i].shape[-1])) for i in range(len(rows))])
+
+
+@pytest.mark.parametrize("kl_in_reward", [False, True], ids=["kl-loss", "kl-in-reward"])
+def test_zero_weights_reproduce_openrlhf_group_norm_exactly(kl_in_reward):
+    extra = ["--algo.kl.init_coef", "0.01"] + ([] if kl_in_reward else ["--algo.kl.use_loss"])
+    args = _args("--iapo.alpha", "0", "--iapo.beta", "0", *extra)
+    stock = _maker(RemoteExperienceMaker, args).compute_advantages_and_returns(_experiences(1, kl_in_reward))
+    ours = _maker(IAPOExperienceMaker, args).compute_advantages_and_returns(_experiences(1, kl_in_reward))
+    for a, b in zip(stock, ours):
+        assert torch.equal(a.advantages, b.advantages) and torch.equal(a.returns, b.returns)
+        assert "iapo/mi" not in b.info  # per-token fields never reach the replay buffer's metric merge
+    assert any(e.advantages.abs().sum() > 0 for e in ours)
+
+
+def test_nonzero_weights_match_iapo_advantages():
+    args = _args("--iapo.alpha", "0.7", "--iapo.beta", "0.3", "--algo.kl.use_loss", "--algo.kl.init_coef", "0.001")
+    experiences = _experiences(2)
+    mi = _in_rollout_order(experiences, lambda e: e.info["iapo/mi"])
+    mask = _in_rollout_order(experiences, "action_mask").bool()
+    pi_old = _in_rollout_order(experiences, "action_log_probs").exp() * mask
+    rewards = _in_rollout_order(experiences, lambda e: e.rewards.unsqueeze(-1)).squeeze(-1)
+    correct = _in_rollout_order(experiences, lambda e: e.scores.unsqueeze(-1)).squeeze(-1) > 0
+    expected = iapo_advantages(rewards, mi, pi_old, mask, group_size=G, alpha=0.7, beta=0.3, correct=correct)
+
+    ours = _maker(IAPOExperienceMaker, args).compute_advantages_and_returns(experiences)
+    got = _in_rollout_order(ours, "advantages")
+    # OpenRLHF's group_norm divides by std + 1e-9, iapo_advantages by std + 1e-6.
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got[~mask] == 0).all()
+    for e in ours:
+        assert e.info["iapo/mi_mean"].shape == (4,) and e.info["iapo/shaping_abs_mean"].shape == (4,)
+
+
+def test_exploration_sign_comes_from_scores_not_rewards():
+    # Rewards and correctness can disagree (shaped or custom rewards);
+    # the exploration sign must follow correctness (scores), as the reward file returns it.
+    args = _args("--iapo.alpha", "0", "--iapo.beta", "1", "--algo.kl.use_loss", "--algo.kl.init_coef", "0.001")
+    flipped = _experiences(3)
+    for e in flipped:
+        e.rewards = -e.rewards
+        e.info["reward"] = e.rewards.clone()
+    plain = _maker(IAPOExperienceMaker, args).compute_advantages_and_returns(_experiences(3))
+    negated = _maker(IAPOExperienceMaker, args).compute_advantages_and_returns(flipped)
+    for a, b in zip(plain, negated):
+        mask = a.action_mask.bool()
+        # reward term flips sign with the rewards; the exploration term (from scores) does not
+        shaping_a = a.advantages - (a.returns)
+        shaping_b = b.advantages - (b.returns)
+        torch.testing.assert_close(shaping_a[mask], shaping_b[mask], atol=1e-6, rtol=0)
+        assert shaping_a[mask].abs().sum() > 0
+
+
+def test_token_fields_survive_openrlhf_concat_and_split():
+    parts = _experiences(4)
+    merged = Experience.concat_experiences(parts, pad_token_id=0)
+    width = merged.action_mask.shape[1]
+    assert merged.info["iapo/mi"].shape == (8, width)
+    for k, part in enumerate(parts):
+        w = part.action_mask.shape[1]
+        assert torch.equal(merged.info["iapo/mi"][4 * k : 4 * k + 4, :w], part.info["iapo/mi"])
+    singles = split_experience_batch(merged)
+    assert len(singles) == 8
+    assert torch.equal(singles[5].info["iapo/mi"], merged.info["iapo/mi"][5])
+    # and the maker still finds them after OpenRLHF's concat
+    args = _args("--iapo.alpha", "1", "--iapo.beta", "0", "--algo.kl.use_loss", "--algo.kl.init_coef", "0.001")
+    merged = Experience.concat_experiences(_experiences(4), pad_token_id=0)  # split cleared its index
+    shaped = _maker(IAPOExperienceMaker, args).compute_advantages_and_returns([merged])
+    stock = _maker(RemoteExperienceMaker, args).compute_advantages_and_returns(
+        [Experience.concat_experiences(_experiences(4), pad_token_id=0)])
+    assert not torch.equal(shaped[0].advantages, stock[0].advantages)
+
+
+def test_alpha_without_actor_mi_is_a_clear_error():
+    args = _args("--iapo.alpha", "0.5", "--algo.kl.use_loss", "--algo.kl.init_coef", "0.001")
+    experiences = _experiences(5)
+    for e in experiences:
+        del e.info["iapo/mi"]
+    with pytest.raises(RuntimeError, match="IAPOPolicyModelActor"):
+        _maker(IAPOExperienceMaker, args).compute_advantages_and_returns(experiences)
+
+
+def test_flatten_splits_actor_dicts_into_log_probs_and_extras(monkeypatch):
+    args = _args("--algo.kl.use_loss", "--algo.kl.init_coef", "0.001")
+    maker = _maker(IAPOExperienceMaker, args)
+    results = [{"action_log_probs": torch.full((2, 3), -1.0), "mi": torch.ones(2, 3)}, None,
+               {"action_log_probs": torch.full((2, 3), -2.0), "mi": torch.zeros(2, 3)}, None]
+    # OpenRLHF keeps every duplicate_factor-th actor's result (TP rank 0); others returned None.
+    monkeypatch.setattr(RemoteExperienceMaker, "_flatten_results", lambda self, refs, dup: refs[::dup])
+    flat = maker._flatten_results(results, 2)
+    assert [t[0, 0].item() for t in flat] == [-1.0, -2.0]
+    assert [e["mi"][0, 0].item() for e in maker._actor_extras] == [1.0, 0.0]
+    assert maker._flatten_results([torch.ones(1)], 1)[0].item() == 1.0  # reference model results untouched
+
+
+# ── iapo-train-ray ──
+
+PAPER_7B = (
+    "--actor.model_name_or_path Qwen/Qwen2.5-7B-Instruct --actor.num_nodes 2 --actor.num_gpus_per_node 8 "
+    "--ref.num_nodes 2 --ref.num_gpus_per_node 8 --vllm.num_engines 8 --vllm.tensor_parallel_size 2 "
+    "--train.colocate_all --ds.tensor_parallel_size 2 --ds.zero_stage 3 --ds.param_dtype bf16 "
+    "--rollout.batch_size 128 --rollout.n_samples_per_prompt 8 --train.batch_size 1024 "
+    "--rollout.micro_batch_size 8 --train.micro_batch_size 4 --rollout.max_new_tokens 2048 --data.max_len 2560 "
+    "--rollout.temperature 1.0 --actor.adam.lr 1e-6 --algo.kl.init_coef 0.001 --algo.kl.use_loss "
+    "--algo.kl.estimator k3 --data.prompt_dataset data/gsm8k_train.jsonl --data.input_key prompt "
+    "--data.label_key answer --iapo.alpha 0.5 --iapo.beta 0.1"
+).split()
+
+
+def _reward_file() -> str:
+    from iapo_openrlhf.openrlhf import reward_func
+
+    return reward_func.__file__
+
+
+def test_dry_run_on_the_papers_7b_settings(capsys):
+    assert launch.main(["--dry-run", *PAPER_7B, "--reward.remote_url", _reward_file()]) == 0
+    out = capsys.readouterr().out
+    settings = json.loads(out[out.index("{"): out.index("\nRay resource layout")])
+    assert settings["iapo"]["alpha"] == 0.5 and settings["algo"]["advantage"]["estimator"] == "group_norm"
+    assert settings["ds"]["tensor_parallel_size"] == 2 and settings["actor"]["adam"]["lr"] == 1e-6
+    assert "| actor (IAPOPolicyModelActor, DeepSpeed) | 16 | 2 node(s) x 8; ZeRO-3, AutoTP 2, ring 1, data-parallel 8 |" in out
+    assert "GPUs requested: 16 (2 node(s) of 8 GPUs)" in out
+    assert "128 prompts x 8 = 1024" in out
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--rollout.n_samples_per_prompt", "1"], "--rollout.n_samples_per_prompt 1: IAPO normalises"),
+        (["--algo.advantage.estimator", "gae"], "critic-based (gae)"),
+        (["--algo.advantage.estimator", "reinforce"], "not a per-prompt group baseline"),
+        (["--iapo.alpha", "-0.5"], "--iapo.alpha: got -0.5, expected a value >= 0"),
+        (["--iapo.beta", "-1"], "--iapo.beta: got -1.0"),
+        (["--iapo.postfix", ""], "--iapo.postfix: got an empty postfix"),
+        (["--iapo.exploration", "bogus"], "argument --iapo.exploration: invalid choice"),
+        (["--reward.remote_url", "/no/such/reward.py"], "--reward.remote_url /no/such/reward.py: no such file"),
+        (["--train.async_enable"], "--train.async_enable"),
+        (["--ds.ring_attn_size", "2", "--ds.packing_samples"], "--ds.ring_attn_size > 1"),
+    ],
+)
+def test_invalid_combinations_are_one_line_and_exit_2(extra, message, capsys):
+    argv = ["--dry-run", *PAPER_7B, "--reward.remote_url", _reward_file(), *extra]
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iapo-train-ray: error: ") and message in err[0], err
+
+
+def test_openrlhf_own_checks_are_one_line_and_exit_2(capsys):
+    # OpenRLHF asserts this one itself (fewer sample batches than actor data-parallel ranks).
+    argv = ["--dry-run", *PAPER_7B, "--reward.remote_url", _reward_file(), "--rollout.batch_size", "1",
+            "--rollout.micro_batch_size", "16", "--rollout.n_samples_per_prompt", "2"]
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "effective number of actor processes" in err[0], err
+
+
+def test_postfix_that_tokenizes_to_nothing(tmp_path, capsys):
+    from iapo_openrlhf.tasks.synthetic import build_tokenizer
+
+    build_tokenizer().save_pretrained(tmp_path)  # a tiny vocabulary without the snowman
+    argv = ["--dry-run", *PAPER_7B, "--reward.remote_url", _reward_file(),
+            "--actor.model_name_or_path", str(tmp_path), "--iapo.postfix", "\u2603"]
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "tokenizes to nothing" in err
+    argv[-1] = "</think><answer>"
+    assert launch.main(argv) == 0
+    assert "'</think><answer>' (checked)" in capsys.readouterr().out
+
+
+def test_training_run_without_gpu_stack_is_refused(capsys):
+    assert launch.main([*PAPER_7B, "--reward.remote_url", _reward_file()]) == 2
+    assert "not installed: a training run needs the GPU stack" in capsys.readouterr().err
+
+
+def test_training_run_substitutes_iapo_classes_into_openrlhf(monkeypatch):
+    import openrlhf.cli.train_ppo_ray as orl_cli
+    import openrlhf.trainer.ppo_trainer as orl_trainer
+
+    from iapo_openrlhf.openrlhf.actor import IAPOPolicyModelActor
+    from iapo_openrlhf.openrlhf.trainer import IAPOPPOTrainer
+
+    seen = {}
+
+    def fake_train(args):
+        seen["actor"] = orl_cli.PolicyModelActor.__ray_actor_class__
+        from openrlhf.trainer.ppo_trainer import PPOTrainer  # what train() imports at call time
+
+        seen["trainer"] = PPOTrainer.__ray_actor_class__
+        seen["alpha"] = args.iapo.alpha
+
+    monkeypatch.setattr(orl_cli, "train", fake_train)
+    monkeypatch.setattr(cpu_stubs, "missing_gpu_packages", lambda: [])
+    stock_actor = orl_cli.PolicyModelActor
+    assert launch.main([*PAPER_7B, "--reward.remote_url", _reward_file(), "--iapo.alpha", "0.25"]) == 0
+    assert seen == {"actor": IAPOPolicyModelActor, "trainer": IAPOPPOTrainer, "alpha": 0.25}
+    assert orl_cli.PolicyModelActor is stock_actor  # restored afterwards
+    assert issubclass(IAPOPolicyModelActor, stock_actor.__ray_actor_class__)
+    assert issubclass(IAPOPPOTrainer, orl_trainer.PPOTrainer.__ray_actor_class__)
+
+
+def test_help_lists_openrlhf_and_iapo_options():
+    out = subprocess.run([sys.executable, "-m", "iapo_openrlhf.openrlhf.launch", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for option in ("--iapo.alpha", "--iapo.probe_stride", "--iapo.mi_smoothing", "--dry-run",
+                   "--rollout.n_samples_per_prompt", "--ds.tensor_parallel_size", "--vllm.num_engines"):
+        assert option in out.stdout
+
+
+def test_unsupported_openrlhf_version_is_one_line(monkeypatch, capsys):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.9.1" if name == "openrlhf" else real(name))
+    assert launch.main(["--dry-run"]) == 2
+    assert "OpenRLHF 0.9.1 is installed, this plugin supports openrlhf>=0.11,<0.12" in capsys.readouterr().err
+
+
+def test_per_token_fields_are_consumed_once():
+    # compute_advantages_and_returns pops them: nothing per-token is left for OpenRLHF's metric merge
+    args = _args("--iapo.alpha", "1", "--algo.kl.use_loss", "--algo.kl.init_coef", "0.001")
+    experiences = _experiences(6)
+    kept = copy.deepcopy(experiences)
+    _maker(IAPOExperienceMaker, args).compute_advantages_and_returns(experiences)
+    assert all("iapo/mi" not in e.info for e in experiences) and all("iapo/mi" in e.info for e in kept)
