@@ -24,6 +24,8 @@ GSM8K_SOLUTION = "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 eggs.\nShe makes 9 * 2 
     "text, expected",
     [
         ("So we get #### 18", "18"),
+        ("So we get #### 18<|im_end|>", "18"),  # decoded with special tokens kept (OpenRLHF queries)
+        ("The answer is 18 <|eot_id|></s>", "18"),
         ("Thus \\boxed{18}.", "18"),
         ("<think>6*3</think> <answer>18</answer>", "18"),
         ("The answer is 18.", "18"),

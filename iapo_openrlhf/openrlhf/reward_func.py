@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import torch
 
 from iapo_openrlhf.data import THINK_OPEN
 from iapo_openrlhf.rewards import SCHEMES, compute_reward
+from iapo_openrlhf.rewards.answer import strip_end_markers
 
 PATH = str(Path(__file__).resolve())
 SCHEME_ENV = "IAPO_REWARD_SCHEME"
@@ -44,9 +44,6 @@ DEFAULT_SCHEME = "paper"
 
 logger = logging.getLogger("iapo_openrlhf.reward_func")
 
-# Detokenised end-of-turn / padding markers at the end of a query: <|im_end|>, <|endoftext|>,
-# <|eot_id|>, </s>, <｜end▁of▁sentence｜>. Stripped so "#### 18<|im_end|>" reads as "18".
-_END_MARKER = re.compile(r"(?:<[|｜][^<>]{0,40}[|｜]>|</s>)\Z")
 # Prompt tails tried, longest first, when the query does not start with the prompt (tokenizer
 # round trip not exact, or a long prompt left-truncated by OpenRLHF).
 _TAIL_CHARS = (256, 64, 16)
@@ -67,16 +64,6 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         logger.warning(message)
-
-
-def strip_end_markers(text: str) -> str:
-    """`text` without trailing whitespace and end-of-turn markers."""
-    while True:
-        text = text.rstrip()
-        match = _END_MARKER.search(text[-48:])
-        if match is None:
-            return text
-        text = text[: len(text) - len(match.group())]
 
 
 def split_response(query: str, prompt: str | None) -> str:

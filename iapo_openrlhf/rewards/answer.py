@@ -101,6 +101,21 @@ def _committed_answer(text: str) -> str | None:
     return None
 
 
+# Detokenised end-of-turn / padding markers at the end of a query: <|im_end|>, <|endoftext|>,
+# <|eot_id|>, </s>, <｜end▁of▁sentence｜>. Stripped so "#### 18<|im_end|>" reads as "18".
+_END_MARKER = re.compile(r"(?:<[|｜][^<>]{0,40}[|｜]>|</s>)\Z")
+
+
+def strip_end_markers(text: str) -> str:
+    """`text` without trailing whitespace and end-of-turn markers."""
+    while True:
+        text = text.rstrip()
+        match = _END_MARKER.search(text[-48:])
+        if match is None:
+            return text
+        text = text[: len(text) - len(match.group())]
+
+
 def extract_answer(text: str | None) -> str | None:
     """The final answer string a completion commits to, or None.
 
@@ -116,7 +131,7 @@ def extract_answer(text: str | None) -> str | None:
     """
     if not isinstance(text, str):
         return None
-    text = text[-MAX_TEXT_CHARS:]
+    text = strip_end_markers(text[-MAX_TEXT_CHARS:])
     tagged = [span for span in _ANSWER_TAG.findall(text) if span.strip()]
     if tagged:
         return _committed_answer(tagged[-1]) or _clean(tagged[-1])
