@@ -105,6 +105,25 @@ class OutputConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Only `iapo-train-ray` / `iapo-slurm` read this: the Ray/DeepSpeed/vLLM layout on GPUs."""
+
+    nodes: int = 1  # actor (and reference) nodes
+    gpus_per_node: int = 8
+    zero_stage: int = 2
+    tensor_parallel_size: int = 1  # DeepSpeed AutoTP of the actor (and reference)
+    vllm_engines: int = 8
+    vllm_tensor_parallel_size: int = 1
+    vllm_gpu_memory_utilization: float = 0.5
+    colocate_all: bool = True  # actor, reference and vLLM share the GPUs (vLLM sleeps during training)
+    param_dtype: str = "bf16"
+    gradient_checkpointing: bool = True
+    rollout_micro_batch_size: int = 8  # per GPU, experience (log-prob + MI) forwards
+    max_prompt_tokens: int = 1024  # data.max_len = this + rollout.max_new_tokens
+    extra_args: str = ""  # raw OpenRLHF options appended last, e.g. "--ds.packing_samples"
+
+
+@dataclass
 class Config:
     method: str = "iapo"
     seed: int = 0
@@ -118,6 +137,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -134,6 +154,8 @@ CHOICES = {
     "iapo.mi_smoothing": ("none", "official"),
     "iapo.exploration": ("prob", "entropy"),
     "reward.scheme": ("paper", "correctness", "correctness_pm1"),
+    "cluster.param_dtype": ("bf16", "fp16", "fp32"),
+    "cluster.zero_stage": (0, 1, 2, 3),
 }
 
 
@@ -203,8 +225,12 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (None: defaults), apply `section.key=value` overrides, validate."""
+def load_config(path: str | None, overrides: list[str] | None = None, *, local_files: bool = True) -> Config:
+    """Read YAML (None: defaults), apply `section.key=value` overrides, validate.
+
+    local_files=False skips the checks that data/model paths exist on this machine: the Ray
+    backend resolves them on the cluster (or as hub names), and --dry-run runs anywhere.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -220,11 +246,11 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Config:
     for override in overrides or []:
         _apply_override(raw, override)
     cfg = _build(Config, raw, "")
-    validate(cfg)
+    validate(cfg, local_files=local_files)
     return cfg
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, *, local_files: bool = True) -> None:
     """Impossible combinations, each with the fix in the message."""
     for key, choices in CHOICES.items():
         section, _, name = key.rpartition(".")
@@ -240,6 +266,12 @@ def validate(cfg: Config) -> None:
         "iapo.probe_stride": cfg.iapo.probe_stride,
         "iapo.mi_horizon": cfg.iapo.mi_horizon,
         "model.warmstart_steps": cfg.model.warmstart_steps,
+        "cluster.nodes": cfg.cluster.nodes,
+        "cluster.gpus_per_node": cfg.cluster.gpus_per_node,
+        "cluster.tensor_parallel_size": cfg.cluster.tensor_parallel_size,
+        "cluster.vllm_engines": cfg.cluster.vllm_engines,
+        "cluster.vllm_tensor_parallel_size": cfg.cluster.vllm_tensor_parallel_size,
+        "cluster.rollout_micro_batch_size": cfg.cluster.rollout_micro_batch_size,
     }
     for key, value in positive.items():
         if value < 1:
@@ -273,14 +305,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("iapo.postfix: got an empty postfix, expected e.g. '</think><answer>' (or predict_mode=next_token)")
     if any(k < 1 for k in cfg.eval.k):
         raise ConfigError(f"eval.k: got {cfg.eval.k}, expected positive integers")
-    if cfg.data.task == "jsonl":
+    if cfg.data.task == "jsonl" and local_files:
         for key in ("train_path", "test_path"):
             path = getattr(cfg.data, key)
             if path is None:
                 raise ConfigError(f"data.{key}: missing, expected a JSONL file for data.task=jsonl")
             if not os.path.isfile(path):
                 raise ConfigError(f"data.{key}: {path} does not exist, expected a JSONL file of prompts")
-    if cfg.model.path is not None and not os.path.isdir(cfg.model.path):
+    if local_files and cfg.model.path is not None and not os.path.isdir(cfg.model.path):
         raise ConfigError(f"model.path: {cfg.model.path} is not a directory, expected a saved HF model (save_pretrained)")
     if cfg.dapo.overlong_buffer >= cfg.rollout.max_new_tokens:
         raise ConfigError(

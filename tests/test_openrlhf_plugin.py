@@ -10,6 +10,7 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -277,8 +278,11 @@ def test_training_run_substitutes_iapo_classes_into_openrlhf(monkeypatch):
         seen["trainer"] = PPOTrainer.__ray_actor_class__
         seen["alpha"] = args.iapo.alpha
 
+    import ray
+
     monkeypatch.setattr(orl_cli, "train", fake_train)
     monkeypatch.setattr(cpu_stubs, "missing_gpu_packages", lambda: [])
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # no local Ray cluster in this test
     stock_actor = orl_cli.PolicyModelActor
     assert launch.main([*PAPER_7B, "--reward.remote_url", _reward_file(), "--iapo.alpha", "0.25"]) == 0
     assert seen == {"actor": IAPOPolicyModelActor, "trainer": IAPOPPOTrainer, "alpha": 0.25}
@@ -312,3 +316,50 @@ def test_per_token_fields_are_consumed_once():
     kept = copy.deepcopy(experiences)
     _maker(IAPOExperienceMaker, args).compute_advantages_and_returns(experiences)
     assert all("iapo/mi" not in e.info for e in experiences) and all("iapo/mi" in e.info for e in kept)
+
+
+# ── one YAML for both backends ──
+
+CLUSTER_CONFIGS = sorted(p.name for p in (Path(__file__).parent.parent / "configs").glob("qwen2.5-*.yaml"))
+
+
+def test_every_model_dataset_pair_has_a_config():
+    assert CLUSTER_CONFIGS == sorted(f"qwen2.5-{m}_{d}.yaml" for m in ("0.5b", "1.5b", "7b")
+                                     for d in ("gsm8k", "math500", "dapo17k"))
+
+
+@pytest.mark.parametrize("name", CLUSTER_CONFIGS)
+@pytest.mark.parametrize("method", ["iapo", "grpo", "dapo"])
+def test_cluster_configs_parse_with_openrlhfs_parser(name, method, monkeypatch):
+    monkeypatch.delenv(launch.SCHEME_ENV, raising=False)
+    path = Path(__file__).parent.parent / "configs" / name
+    args = launch.parse_args(launch.expand_config(["--config", str(path), "--set", f"method={method}", "--dry-run"]))
+    assert args.rollout.n_samples_per_prompt == 8 and args.actor.adam.lr == 1e-6 and args.algo.kl.init_coef == 0.001
+    assert args.rollout.temperature == 1.0 and args.algo.advantage.estimator == "group_norm"
+    assert (args.iapo.alpha, args.iapo.beta) == ((0.5, 0.1) if method == "iapo" else (0.0, 0.0))
+    assert args.algo.dynamic_filtering_enable == (method == "dapo")
+    assert (args.reward.overlong_buffer_len is not None) == (method == "dapo")
+    assert args.reward.remote_url == [launch.REWARD_FILE]
+    if name.startswith("qwen2.5-7b"):
+        assert args.ds.tensor_parallel_size == 2 and args.vllm.tensor_parallel_size == 2 and args.actor.num_nodes >= 2
+    import os
+
+    assert os.environ[launch.SCHEME_ENV] == "paper"
+
+
+def test_command_line_options_override_the_config():
+    path = Path(__file__).parent.parent / "configs" / "qwen2.5-0.5b_gsm8k.yaml"
+    args = launch.parse_args(launch.expand_config(
+        ["--config", str(path), "--set", "iapo.alpha=0.3", "--rollout.batch_size", "16", "--dry-run"]))
+    assert args.iapo.alpha == 0.3 and args.rollout.batch_size == 16 and args.data.max_samples == 58 * 128
+
+
+def test_config_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: iapo\nmodel:\n  path: null\ndata:\n  task: jsonl\n  train_path: x.jsonl\n")
+    assert launch.main(["--config", str(bad), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "iapo-train-ray: error: model.path: required for iapo-train-ray, expected a HF model name or directory "
+        "(e.g. Qwen/Qwen2.5-7B-Instruct)")
+    assert launch.main(["--set", "iapo.alpha=1", "--dry-run"]) == 2
+    assert "--set needs --config" in capsys.readouterr().err

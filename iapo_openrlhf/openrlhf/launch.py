@@ -17,15 +17,19 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
-from ..config import ConfigError
+from ..config import ConfigError, load_config
 from . import OpenRLHFVersionError, check_openrlhf_version, cpu_stubs
+from .config_args import openrlhf_args
 from .settings import add_iapo_arguments, iapo_config_from_args, postfix_token_ids
 
 PROG = "iapo-train-ray"
+REWARD_FILE = str(Path(__file__).with_name("reward_func.py"))
+SCHEME_ENV = "IAPO_REWARD_SCHEME"  # read by reward_func.py in the rollout workers
 # OpenRLHF estimators IAPO can sit on: the shaping is added to a per-prompt group baseline.
 GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
 
@@ -41,6 +45,9 @@ class IAPOArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("prog", PROG)
         kwargs.setdefault("description", "OpenRLHF's Ray PPO trainer (train_ppo_ray) with IAPO advantage shaping.")
         super().__init__(*args, **kwargs)
+        self.add_argument("--config", metavar="FILE",
+                          help="the project's YAML config (same file as iapo-train); options after it override it")
+        self.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
         self.add_argument("--dry-run", action="store_true",
                           help="validate every option with OpenRLHF's parser, print the resolved settings and the "
                                "Ray resource layout, start nothing")
@@ -198,6 +205,17 @@ def run_training(args: SimpleNamespace) -> None:
     from .actor import IAPOPolicyModelActorRemote
     from .trainer import IAPOPPOTrainerRemote
 
+    import ray
+
+    if not ray.is_initialized():
+        # train() would ray.init with only OpenRLHF's env vars; on an existing cluster (SLURM) the
+        # workers would then not see the reward scheme, so start the driver with both.
+        ray.init(runtime_env={"env_vars": {
+            "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
+            "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
+            "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
+            SCHEME_ENV: os.environ.get(SCHEME_ENV, "paper"),
+        }})
     # train() reads PolicyModelActor from its module globals and imports PPOTrainer at call time.
     with mock.patch.object(orl_cli, "PolicyModelActor", IAPOPolicyModelActorRemote), \
             mock.patch.object(orl_trainer, "PPOTrainer", IAPOPPOTrainerRemote):
@@ -233,10 +251,30 @@ def parse_args(argv: list[str]) -> SimpleNamespace:
     return captured[0]
 
 
+def expand_config(argv: list[str]) -> list[str]:
+    """Replace `--config FILE [--set k=v ...]` by the OpenRLHF options the config stands for,
+    placed first so that explicit options on the command line override them."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--set", action="append", default=[])
+    known, rest = pre.parse_known_args(argv)
+    if known.config is None:
+        if known.set:
+            raise UsageError("--set needs --config FILE (the YAML it overrides)")
+        return argv
+    try:
+        cfg = load_config(known.config, known.set, local_files=False)
+        expanded = openrlhf_args(cfg, REWARD_FILE)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    os.environ[SCHEME_ENV] = cfg.reward.scheme
+    return expanded + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parse_args(argv)
+        args = parse_args(expand_config(argv))
         if not args.dry_run:
             _check_gpu_stack()
     except (UsageError, OpenRLHFVersionError) as e:
