@@ -54,7 +54,8 @@ def iapo_forward(
     """One estimator pass on an OpenRLHF `Actor` (its `.model` a DeepSpeed engine or a HF model).
 
     sequences, attention_mask: (B, S); action_mask: (B, A), the response columns, a prefix of
-    ones per row. Returns fp32 tensors:
+    ones per row. Returns fp32 CPU tensors (the estimator's results are on the CPU whatever the
+    device of the inputs):
       action_log_probs (B, A): what `Actor.forward` returns (temperature-scaled, 0 on padding);
       mi (B, A) when alpha != 0, with answer_entropy_first / answer_entropy_last (B,);
       next_token_entropy (B, A) when beta != 0 and exploration == "entropy".
@@ -78,7 +79,9 @@ def iapo_forward(
     actor.eval()
     try:
         out: dict[str, torch.Tensor] = {}
-        valid = action_mask.bool()
+        # answer_entropy returns CPU tensors; on a GPU actor the masks arrive on the GPU, and
+        # torch.where / gather / * across the two devices would raise.
+        valid = action_mask.bool().cpu()
         lengths = valid.sum(-1)
         if needs_mi(cfg):
             postfix = postfix_ids if cfg.predict_mode == "postfix" else None
