@@ -60,7 +60,10 @@ def _check(rank: int, world: int, zero: int, tp: int, tied: bool, vocab_parallel
     assert layout.vocab_parallel == (tp > 1 and (tied or bool(vocab_parallel))), layout
     engine.train()
     h, lp = answer_entropy(engine, seq, att, act, POSTFIX, return_log_probs=True, chunk_tokens=5)
-    assert engine.training  # restored
+    assert engine.module.training  # restored
+    engine.eval()
+    answer_entropy(engine, seq, att, act, POSTFIX, chunk_tokens=5)
+    assert not engine.module.training  # an engine in eval mode stays there
     nt = answer_entropy(engine, seq, att, act, None, predict_mode="next_token")
     torch.testing.assert_close(h, ref_h, atol=1e-4, rtol=0)
     torch.testing.assert_close(lp, ref_lp, atol=1e-4, rtol=0)

@@ -169,8 +169,11 @@ def _text_config(model):
 
 @contextlib.contextmanager
 def _inference(model) -> Iterator[None]:
-    """no_grad + eval mode, restoring train mode after (the actor is mid-training when called)."""
-    was_training = model.training
+    """no_grad + eval mode, restoring train mode after (the actor is mid-training when called).
+
+    The mode is read off the transformers module: a DeepSpeed engine's own `training` flag stays
+    True whatever `eval()` did to the module it wraps."""
+    was_training = _hf_model(model).training
     model.eval()
     try:
         with torch.no_grad():
