@@ -29,6 +29,7 @@ setup(
             "iapo-train=iapo_openrlhf.cli.train:main",
             "iapo-eval=iapo_openrlhf.cli.eval:main",
             "iapo-train-ray=iapo_openrlhf.openrlhf.launch:cli",
+            "iapo-slurm=iapo_openrlhf.slurm:cli",
         ],
     },
     extras_require={
