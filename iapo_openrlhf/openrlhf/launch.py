@@ -3,9 +3,10 @@
 How it reuses OpenRLHF instead of copying it: `openrlhf.cli.train_ppo_ray` builds its parser and
 checks its arguments inline under `if __name__ == "__main__":`. We execute that very block (read
 from the installed module) in the module's own namespace with two names rebound: `argparse`, whose
-ArgumentParser becomes `IAPOArgumentParser` (adds `--iapo.*` and `--dry-run`, validates IAPO's
-combinations, one-line errors), and `train`, which either prints the dry run or calls OpenRLHF's
-real `train(args)` with the IAPO classes substituted for `PolicyModelActor` and `PPOTrainer`.
+ArgumentParser becomes `IAPOArgumentParser` (adds `--iapo.*`, `--config`, `--dry-run`, validates
+IAPO's combinations, one-line errors), and `train`, which only captures the checked args. Then
+`main` prints the dry run or calls OpenRLHF's real `train(args)` with the IAPO classes substituted
+for `PolicyModelActor` and `PPOTrainer`.
 """
 
 from __future__ import annotations
