@@ -1,0 +1,483 @@
+"""iapo-slurm: the rendered sbatch script (always), shellcheck on it (when installed), and real
+jobs on a one-node SLURM cluster started on this machine (when slurm-wlm and munge are installed:
+.ci/run installs them with apt-get).
+
+The cluster is private to this module: its own munged (own key and socket), slurmctld and slurmd
+on free ports, state under a temporary directory, no cgroups, no accounting. Four jobs run at
+once (the node advertises 4 CPUs, each job takes 1): one that trains to completion, one whose
+training fails inside the job, one that receives SIGTERM mid-training and must requeue itself and
+resume, and one whose Ray head cannot come up in time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from iapo_openrlhf import slurm as iapo_slurm
+
+ROOT = Path(__file__).resolve().parent.parent
+SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin"])
+SHELLCHECK = shutil.which("shellcheck")
+
+
+def tiny_config(path: Path, out: Path, **train) -> Path:
+    """configs/local_tiny.yaml cut down to a run of a few seconds of compute."""
+    cfg = yaml.safe_load((ROOT / "configs" / "local_tiny.yaml").read_text())
+    cfg["model"]["warmstart_steps"] = 20
+    cfg["train"].update({"steps": 2, **train})
+    cfg["eval"] = {"every": 0, "k": [1]}
+    cfg["data"]["num_test"] = 2
+    cfg["rollout"].update(prompts_per_step=2, n_samples_per_prompt=2, max_new_tokens=24)
+    cfg["output"] = {"dir": str(out), "save_every": 1}
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def sbatch_lines(script: str) -> list[str]:
+    return [line[len("#SBATCH "):] for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+def render(capsys, *args: str) -> str:
+    assert iapo_slurm.main(["submit", "--dry-run", *args]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+# -- rendering ----------------------------------------------------------------------------------
+
+def test_dry_run_local_backend(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path / "tiny.yaml", tmp_path / "out")
+    script = render(capsys, "--config", str(config), "--nodes", "1", "--gpus-per-node", "0", "--cpus-per-task", "2",
+                    "--partition", "debug", "--account", "acct1", "--time", "0:30:00", "--backend", "local",
+                    "--set", "train.steps=3", "--sbatch=--qos=high")
+    logs = tmp_path / "out" / "slurm-logs"
+    assert sbatch_lines(script) == [
+        "--job-name=iapo-tiny", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--time=0:30:00",
+        "--partition=debug", "--account=acct1", "--requeue", "--signal=B:TERM@120", "--open-mode=append",
+        f"--chdir={tmp_path}", f"--output={logs}/%x-%j.log", f"--error={logs}/%x-%j.log", "--qos=high",
+    ]
+    assert script.startswith("#!/bin/bash\n")
+    assert "@@{" not in script
+    assert "set -euo pipefail" in script
+    assert f"TRAIN_CMD=({iapo_slurm._scripts_dir()}/iapo-train --config {config} --set train.steps=3 --quiet)" in script
+    for piece in ('"$SCRIPTS_DIR/ray" start --head --block', "-m iapo_openrlhf.slurm wait-ray",
+                  'scontrol requeue "$job"', "trap on_term TERM", "trap cleanup EXIT", "RAY_STOP_ALL=0",
+                  'scontrol show hostnames "$SLURM_JOB_NODELIST"'):
+        assert piece in script
+    assert not logs.exists()  # a dry run writes nothing
+
+
+def test_dry_run_ray_backend_7b(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    script = render(capsys, "--config", "configs/qwen2.5-7b_gsm8k.yaml", "--partition", "gpu", "--time", "2-00:00:00",
+                    "--no-check", "--", "--ds.packing_samples")
+    lines = sbatch_lines(script)
+    # nodes and GPUs come from the config's cluster section; GPU jobs take whole nodes
+    for line in ("--nodes=2", "--gpus-per-node=8", "--exclusive", "--mem=0", "--partition=gpu", "--time=2-00:00:00",
+                 "--requeue", "--signal=B:TERM@120"):
+        assert line in lines
+    assert not any(line.startswith("--account") for line in lines)
+    assert "iapo-train-ray --config " + str(ROOT / "configs/qwen2.5-7b_gsm8k.yaml") + " --ds.packing_samples)" in script
+    assert "RAY_STOP_ALL=1" in script and "BACKEND=ray" in script and "GPUS_PER_NODE=8" in script
+
+
+def _openrlhf_or_skip():
+    try:
+        import openrlhf  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"OpenRLHF not installed ({e}): the ray backend's check runs iapo-train-ray --dry-run")
+
+
+def test_ray_backend_checks_the_config_with_iapo_train_ray(capsys, monkeypatch):
+    """Before submitting, iapo-train-ray --dry-run sees the config and the extra options."""
+    _openrlhf_or_skip()
+    monkeypatch.chdir(ROOT)
+    script = render(capsys, "--config", "configs/qwen2.5-7b_gsm8k.yaml")
+    assert "--nodes=2" in sbatch_lines(script)
+    code = iapo_slurm.main(["submit", "--config", "configs/qwen2.5-7b_gsm8k.yaml", "--dry-run",
+                            "--", "--rollout.n_samples_per_prompt", "1"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith("iapo-slurm: error: iapo-train-ray --dry-run refused the config: ") and err.count("\n") == 1
+    assert "n_samples_per_prompt" in err
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_rendered_script_passes_shellcheck(backend, tmp_path, capsys, monkeypatch):
+    if SHELLCHECK is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck; .ci/run does)")
+    monkeypatch.chdir(ROOT)
+    if backend == "local":
+        args = ["--config", str(tiny_config(tmp_path / "tiny.yaml", tmp_path / "out")), "--backend", "local",
+                "--gpus-per-node", "0", "--time", "10"]
+    else:
+        args = ["--config", "configs/qwen2.5-7b_gsm8k.yaml", "--no-check", "--account", "a", "--partition", "p"]
+    path = tmp_path / "job.sbatch"
+    path.write_text(render(capsys, *args))
+    result = subprocess.run([SHELLCHECK, "--shell=bash", "--severity=style", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
+
+
+ERRORS = [
+    (["--config", "nope.yaml", "--backend", "local"], "--config nope.yaml: no such file"),
+    (["--config", "TINY", "--backend", "local", "--nodes", "0"], "--nodes: got 0, expected an integer >= 1"),
+    (["--config", "TINY", "--backend", "local", "--nodes", "2"], "--backend local runs one process on one node"),
+    (["--config", "TINY", "--backend", "local", "--gpus-per-node", "-1"], "--gpus-per-node: got -1"),
+    (["--config", "TINY", "--backend", "local", "--time", "tomorrow"], "--time tomorrow: expected minutes"),
+    (["--config", "TINY", "--backend", "local", "--partition", "a b"], "--partition: got 'a b'"),
+    (["--config", "TINY", "--backend", "local", "--set", "iapo.alpha=-1"], "iapo.alpha: got -1.0"),
+    (["--config", "TINY", "--backend", "local", "--bogus"], "unrecognized arguments: --bogus"),
+    (["--config", "TINY", "--gpus-per-node", "0", "--no-check"], "--backend ray runs OpenRLHF, which needs GPUs"),
+    (["--config", "configs/qwen2.5-7b_gsm8k.yaml", "--nodes", "1", "--no-check"],
+     "--nodes 1: the config's cluster.nodes is 2"),
+    (["--nodes", "1"], "the following arguments are required: --config"),
+]
+
+
+@pytest.mark.parametrize("args,message", ERRORS, ids=[m.split(":")[0][:30] for _, m in ERRORS])
+def test_errors_are_one_line_and_exit_2(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    tiny = str(tiny_config(tmp_path / "tiny.yaml", tmp_path / "out"))
+    code = iapo_slurm.main(["submit", *[tiny if a == "TINY" else a for a in args], "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith("iapo-slurm: error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_sbatch_missing_is_an_error_without_dry_run(tmp_path, monkeypatch):
+    """Through the real entry point: exit code 2, one line, nothing written."""
+    config = tiny_config(tmp_path / "tiny.yaml", tmp_path / "out")
+    env = dict(os.environ, PATH=str(tmp_path / "empty"))
+    result = subprocess.run([sys.executable, "-m", "iapo_openrlhf.slurm", "submit", "--config", str(config),
+                             "--backend", "local"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "iapo-slurm: error: sbatch not found on PATH: run on a SLURM login node " \
+                            "(or use --dry-run to see the script)\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_wait_ray_times_out_with_a_message(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = iapo_slurm.main(["wait-ray", "--address", f"127.0.0.1:{port}", "--nodes", "2", "--gpus", "16",
+                            "--timeout", "1", "--interval", "0.2"])
+    assert code == 1
+    assert f"error: timed out after 1s: Ray at 127.0.0.1:{port} reports the head is not reachable yet" \
+        in capsys.readouterr().err
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    code = iapo_slurm.main(["wait-ray", "--address", f"127.0.0.1:{port}", "--nodes", "1", "--pid", str(dead.pid)])
+    assert code == 1 and f"a Ray step (pid {dead.pid}) exited" in capsys.readouterr().err
+
+
+# -- a real SLURM cluster on this machine -------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _last_error(*paths: Path) -> str:
+    lines = []
+    for path in paths:
+        if path.exists():
+            lines += [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if re.search(r"fatal|error", line, re.I)]
+    return (errors or lines or ["no output"])[-1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class SlurmCluster:
+    def __init__(self, root: Path, env: dict, node: str):
+        self.root, self.env, self.node = root, env, node
+
+    def run(self, *cmd: str, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), capture_output=True, text=True, env=self.env, **kw)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    daemons = {name: shutil.which(name, path=SEARCH_PATH) for name in ("munged", "slurmctld", "slurmd")}
+    clients = {name: shutil.which(name, path=SEARCH_PATH) for name in ("sbatch", "sinfo", "scontrol", "scancel")}
+    missing = [name for name, path in {**daemons, **clients}.items() if path is None]
+    if missing:
+        pytest.skip(f"SLURM not installed here ({', '.join(missing)} not found): "
+                    "apt-get install slurm-wlm munge (.ci/run does)")
+    root = tmp_path_factory.mktemp("slurm")
+    node = socket.gethostname().split(".")[0]
+    procs: list[subprocess.Popen] = []
+
+    # munge: a private daemon with its own key and socket (nothing under /etc is touched)
+    munge = root / "munge"
+    munge.mkdir(mode=0o711)
+    munge.chmod(0o711)
+    key = munge / "munge.key"
+    key.write_bytes(secrets.token_bytes(1024))
+    key.chmod(0o400)
+    socket_path = munge / "munge.socket"
+    munged = subprocess.Popen(
+        [daemons["munged"], "--foreground", "--force", f"--socket={socket_path}", f"--key-file={key}",
+         f"--pid-file={munge / 'munged.pid'}", f"--log-file={munge / 'munged.log'}", f"--seed-file={munge / 'seed'}"],
+        stdout=subprocess.DEVNULL, stderr=(munge / "munged.err").open("w"),
+    )
+    procs.append(munged)
+    try:
+        for _ in range(100):
+            if socket_path.exists() or munged.poll() is not None:
+                break
+            time.sleep(0.1)
+        if not socket_path.exists():
+            pytest.skip(f"slurmctld cannot start: munged failed: {_last_error(munge / 'munged.err', munge / 'munged.log')}")
+
+        for sub in ("state", "spool", "log"):
+            (root / sub).mkdir()
+        mem_kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        conf = root / "slurm.conf"
+        conf.write_text(f"""\
+ClusterName=iapotest
+SlurmctldHost={node}(127.0.0.1)
+SlurmctldPort={_free_port()}
+SlurmdPort={_free_port()}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={socket_path},cred_expire=5
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1,sched_interval=2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+ReturnToService=2
+KillWait=10
+NodeName={node} NodeAddr=127.0.0.1 CPUs=4 RealMemory={int(mem_kb / 1024 * 0.9)} State=UNKNOWN
+PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+""")
+        env = dict(os.environ, SLURM_CONF=str(conf), PATH=SEARCH_PATH)
+        cluster = SlurmCluster(root, env, node)
+        ctld_err = root / "log" / "slurmctld.err"
+        ctld = subprocess.Popen([daemons["slurmctld"], "-D", "-f", str(conf)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=ctld_err.open("w"))
+        procs.append(ctld)
+        for _ in range(60):
+            if ctld.poll() is not None or cluster.run("scontrol", "ping").stdout.count("is UP"):
+                break
+            time.sleep(0.5)
+        if ctld.poll() is not None or "is UP" not in cluster.run("scontrol", "ping").stdout:
+            pytest.skip(f"slurmctld cannot start: {_last_error(ctld_err, root / 'log' / 'slurmctld.log')}")
+
+        d_err = root / "log" / "slurmd.err"
+        slurmd = subprocess.Popen([daemons["slurmd"], "-D", "-f", str(conf), "-N", node], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=d_err.open("w"))
+        procs.append(slurmd)
+        state = ""
+        for _ in range(120):
+            state = cluster.run("sinfo", "-h", "-n", node, "-o", "%T").stdout.strip()
+            if state == "idle" or slurmd.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert state == "idle", (f"the SLURM node did not become idle (state {state!r}): "
+                                 f"{_last_error(d_err, root / 'log' / 'slurmd.log')}")
+        yield cluster
+    finally:
+        if len(procs) > 1:  # cancel what is left of our jobs before the daemons go
+            jobs = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
+                                  env=dict(os.environ, SLURM_CONF=str(root / "slurm.conf"), PATH=SEARCH_PATH))
+            ids = jobs.stdout.split()
+            if ids:
+                subprocess.run(["scancel", *ids], env=dict(os.environ, SLURM_CONF=str(root / "slurm.conf"),
+                                                           PATH=SEARCH_PATH), capture_output=True)
+                time.sleep(12)
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def _submit(cluster: SlurmCluster, config: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "iapo_openrlhf.slurm", "submit", "--config", str(config), "--nodes", "1",
+         "--gpus-per-node", "0", "--cpus-per-task", "1", "--backend", "local", "--wait", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env, cwd=config.parent,
+    )
+
+
+class Job:
+    def __init__(self, proc: subprocess.Popen, out: Path):
+        self.proc, self.out = proc, out
+        first = proc.stdout.readline()
+        match = re.search(r"submitted job (\d+); log: (\S+)", first)
+        assert match, first + proc.stderr.read()
+        self.id, self.log_path = match.group(1), Path(match.group(2))
+        self.stdout = self.stderr = ""
+        self.code: int | None = None
+
+    def finish(self, timeout: float) -> "Job":
+        if self.code is None:
+            rest, self.stderr = self.proc.communicate(timeout=timeout)
+            self.stdout += rest
+            self.code = self.proc.returncode
+        return self
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else "(no log)"
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, tmp_path_factory):
+    """Submit the four jobs at once; SIGTERM the 'preempt' one after its first checkpoint."""
+    base = tmp_path_factory.mktemp("jobs")
+    # Ray's temp dirs: short (Ray's socket paths), and unique, so that leftovers can be found.
+    ray_root = Path(f"/tmp/iapo-test-{secrets.token_hex(3)}")
+    ray_root.mkdir()
+    slurm_cluster.env["IAPO_RAY_TMPDIR"] = str(ray_root)
+    (base / "not_a_model").mkdir()
+    configs = {
+        "ok": tiny_config(base / "ok.yaml", base / "ok"),
+        "fail": tiny_config(base / "fail.yaml", base / "fail"),
+        "preempt": tiny_config(base / "preempt.yaml", base / "preempt", steps=5),
+        "noray": tiny_config(base / "noray.yaml", base / "noray"),
+    }
+    extra = {
+        "ok": ["--ray-timeout", "240"],
+        # config validation passes (the directory exists); loading it fails inside the job
+        "fail": ["--ray-timeout", "240", "--set", f"model.path={base / 'not_a_model'}"],
+        "preempt": ["--ray-timeout", "240"],
+        "noray": ["--ray-timeout", "1"],
+    }
+    started = time.monotonic()
+    submitted = {name: Job(_submit(slurm_cluster, configs[name], *extra[name]), base / name) for name in configs}
+    preempt = submitted["preempt"]
+    checkpoint = preempt.out / "checkpoints" / "step_1" / "trainer_state.pt"
+    signalled = {}
+
+    def send_term():
+        deadline = time.monotonic() + 280
+        while time.monotonic() < deadline and preempt.proc.poll() is None:
+            if checkpoint.exists():
+                steps = [json.loads(line)["step"] for line in (preempt.out / "metrics.jsonl").read_text().splitlines()]
+                signalled["last_step"] = max(steps)
+                signalled["scancel"] = slurm_cluster.run("scancel", "--signal=TERM", "--batch", preempt.id)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=send_term, daemon=True)
+    thread.start()
+    for job in submitted.values():
+        job.finish(timeout=max(1, 330 - (time.monotonic() - started)))
+    thread.join(5)
+    yield {"jobs": submitted, "signalled": signalled, "ray_root": ray_root,
+           "seconds": time.monotonic() - started}
+    shutil.rmtree(ray_root, ignore_errors=True)
+
+
+def _train_steps(out: Path) -> list[int]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "eval" not in r]
+
+
+def _describe(job: Job) -> str:
+    return f"exit {job.code}\n--- stdout\n{job.stdout}\n--- stderr\n{job.stderr}\n--- log\n{job.log}"
+
+
+def test_job_starts_ray_trains_and_returns_0(jobs):
+    job = jobs["jobs"]["ok"]
+    assert job.code == 0, _describe(job)
+    log = job.log
+    for line in ("phase 1/4: starting the Ray head", "Ray head started at ",
+                 "phase 2/4: waiting for Ray to report 1 node(s), 1 CPUs, 0 GPUs",
+                 "Ray cluster ready after", "1/1 node(s), 1/1 CPUs, 0/0 GPUs",
+                 "phase 3/4: training: ", "training finished (exit code 0)", "phase 4/4: stopping Ray", "exit code 0"):
+        assert line in log, line + "\n" + _describe(job)
+    assert "--resume" not in log and "SIGTERM" not in log
+    assert re.search(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] iapo-slurm job \d+: ", log, re.M)
+    ray_logs = list(job.log_path.parent.glob(f"iapo-ok-{job.id}-ray-*.log"))
+    assert ray_logs and "Ray runtime started" in ray_logs[0].read_text(errors="replace")
+    assert f"job {job.id} finished with exit code 0" in job.stdout
+    assert _train_steps(job.out) == [1, 2]
+    assert (job.out / "checkpoints" / "step_2" / "trainer_state.pt").exists()
+    assert (job.out / "final" / "config.json").exists()
+
+
+def test_job_whose_training_fails_returns_nonzero(jobs):
+    job = jobs["jobs"]["fail"]
+    assert job.code not in (0, None), _describe(job)
+    assert "Ray cluster ready after" in job.log
+    assert f"training exited with code {job.code}" in job.log and f"exit code {job.code}" in job.log
+    assert "requeue" not in job.log and not (job.out / "final").exists()
+    assert f"job {job.id} finished with exit code {job.code}" in job.stdout
+
+
+def test_sigterm_requeues_the_job_and_it_resumes(jobs):
+    job, signalled = jobs["jobs"]["preempt"], jobs["signalled"]
+    assert signalled.get("scancel") is not None and signalled["scancel"].returncode == 0, signalled
+    assert job.code == 0, _describe(job)
+    log = job.log
+    for line in ("SIGTERM received", "requeued (this was run 0)", "run 1 of job",
+                 "a checkpoint exists under", "resuming from it", "training finished (exit code 0)"):
+        assert line in log, line + "\n" + _describe(job)
+    assert log.index("SIGTERM received") < log.index("phase 4/4") < log.index("requeued") < log.index("run 1 of job")
+    assert _train_steps(job.out) == list(range(1, 6))  # steps redone after the checkpoint are not doubled
+    assert (job.out / "final" / "config.json").exists()
+
+
+def test_job_fails_when_ray_does_not_come_up(jobs):
+    job = jobs["jobs"]["noray"]
+    assert job.code == iapo_slurm.EXIT_JOB_FAILED, _describe(job)
+    assert "FAILED: the Ray head did not start within 1s" in job.log
+    assert "phase 3/4" not in job.log and not (job.out / "metrics.jsonl").exists()
+
+
+def test_no_ray_process_outlives_its_job(jobs):
+    root = str(jobs["ray_root"])
+    left = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if root in cmdline:
+                left.append((int(proc.name), cmdline[:200]))
+    for pid, _ in left:  # ours (started by these jobs): do not leave them running
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    assert not left, left
