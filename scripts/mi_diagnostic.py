@@ -1,0 +1,631 @@
+#!/usr/bin/env python
+"""Does the early-exit MI estimator tell necessary reasoning tokens from redundant ones? (issue 7.1)
+
+What it measures
+----------------
+On the warm-started synthetic policy (the one the reproduction study starts RL from), the per-token
+conditional MI s_t = h_t - h_{t+1} that IAPO's advantage uses, where h_t is the answer entropy
+after the prefix o_<t followed by the postfix "</think><answer>" (`core.mi.answer_entropy`, chunked
+estimator, temperature 1.0 like the rollouts), on tokens the task labels
+
+    necessary  steps (" first bought five , 7 + 5 = 12 .") and the closing "</think><answer>N</answer>"
+    redundant  restatements of the question, re-checks of the step just done, fillers
+
+and reports, per class, the mean MI and the mean |MI|, and the AUC of the score as a classifier of
+necessary tokens (Mann-Whitney, ties counted 1/2; 95% interval from 500 bootstrap resamples of
+whole sequences, since tokens of one sequence are not independent). The same for
+`predict_mode="next_token"` (the policy's own next-token entropy, no probe) and `probe_stride=4`.
+
+Which tokens carry labels
+-------------------------
+(a) "generator traces": the policy's MI on traces drawn by the task generator
+    (`SyntheticTask.sample_trace`), scored teacher-forced. Their labels are exact (`redundant_mask`),
+    so this is the clean measurement; but they are the generator's texts, not the policy's.
+(b) "sampled completions": completions sampled from the policy (top_k 0, temperature 1.0), labelled
+    by parsing them with the task's segment grammar: cut after " ." / " ?" and before "</think>",
+    then a segment is a step (" <order> <verb> <word> , a op b = c ."), a check (" check a op b =
+    c ."), a restatement (a sentence of this problem's question), a filler, or the answer
+    ("</think><answer>...</answer>"). Anything else (malformed or repeated steps, truncated tails)
+    is "other" and left out of the AUC; its share is reported. The parser is checked against the
+    generator's exact labels on the traces of (a) (`parser_agreement`, must be 1.0).
+
+Which score, chosen before any AUC was computed
+-----------------------------------------------
+The primary score is the SIGNED MI s_t, because it is what IAPO's advantage adds
+(alpha * norm(s; sequence)): its AUC says whether the shaping ranks necessary tokens above redundant
+ones, which is what would make RL drop the redundant ones. |s_t| is reported as the secondary score:
+the true conditional MI is >= 0 only in expectation over o_t, and a pointwise estimate of an
+informative token can have either sign, so |s_t| measures "this token moved the answer
+distribution" whatever the direction. The AUC of the per-sequence normalised MI (the quantity the
+advantage actually sees, normalised over all valid tokens of the response including EOS) is
+reported too. Also reported: MI by segment kind and on the first token of each segment (the token
+at which the policy decides whether to insert a redundant segment: where a length change would be
+learnt).
+
+Target (issue 7): AUC >= 0.7 for the postfix probe.
+
+    python scripts/mi_diagnostic.py                       # ~2-4 min on 2 CPU cores (warm start included if missing)
+    python scripts/mi_diagnostic.py --model DIR --out runs/mi_diagnostic --num-problems 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from iapo_openrlhf.core.advantages import masked_sequence_normalize  # noqa: E402
+from iapo_openrlhf.core.mi import answer_entropy, token_mi  # noqa: E402
+from iapo_openrlhf.local.rollout import generate, left_pad  # noqa: E402
+from iapo_openrlhf.tasks.synthetic import (  # noqa: E402
+    _FILLERS,
+    ANSWER,
+    END_ANSWER,
+    END_THINK,
+    NECESSARY_KINDS,
+    ORDER_WORDS,
+    REDUNDANT_KINDS,
+    Problem,
+    SyntheticTask,
+    check_answer,
+)
+
+POSTFIX = "</think><answer>"
+# The settings of configs/local_tiny.yaml: the warm start the reproduction study starts from.
+WARMSTART = {"seed": 0, "steps": 1000, "lr": 1e-2, "redundancy": 0.8}
+DEFAULT_MODEL = "runs/repro/initial"
+VARIANTS = {  # name -> answer_entropy keyword arguments
+    "postfix": {"predict_mode": "postfix", "probe_stride": 1},
+    "next_token": {"predict_mode": "next_token", "probe_stride": 1},
+    "postfix_stride4": {"predict_mode": "postfix", "probe_stride": 4},
+}
+KINDS = (*NECESSARY_KINDS, *REDUNDANT_KINDS)
+
+
+# -- AUC -----------------------------------------------------------------------------------------
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks of x with ties given the average of the ranks they span."""
+    x = np.asarray(x, dtype=np.float64)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return (starts + (counts + 1) / 2.0)[inverse.reshape(-1)]
+
+
+def auc(scores, positive) -> float:
+    """Area under the ROC curve of `scores` for the `positive` class: the chance that a random
+    positive scores above a random negative, ties counting 1/2 (Mann-Whitney U / (n1 n0)).
+    NaN when either class is empty."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    positive = np.asarray(positive, dtype=bool).reshape(-1)
+    if scores.shape != positive.shape:
+        raise ValueError(f"positive: got shape {positive.shape}, expected {scores.shape} like scores")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores: got non-finite values, expected finite numbers")
+    n1 = int(positive.sum())
+    n0 = positive.size - n1
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = average_ranks(scores)
+    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
+
+
+def bootstrap_auc(scores: list[np.ndarray], positive: list[np.ndarray], *, resamples: int = 500, seed: int = 0) -> list[float]:
+    """95% interval of the AUC over resamples of whole sequences (lists of per-sequence arrays)."""
+    rng = np.random.default_rng(seed)
+    n = len(scores)
+    values = []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        value = auc(np.concatenate([scores[i] for i in idx]), np.concatenate([positive[i] for i in idx]))
+        if not np.isnan(value):
+            values.append(value)
+    if not values:
+        return [float("nan"), float("nan")]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+# -- labels of sampled completions -----------------------------------------------------------------
+
+_NUM = r"\d+"
+_STEP_RE = re.compile(rf"^ ({'|'.join(ORDER_WORDS)}) \w+ \w+ , {_NUM} [+-] {_NUM} = {_NUM} \.$")
+_CHECK_RE = re.compile(rf"^ check {_NUM} [+-] {_NUM} = {_NUM} \.$")
+_ANSWER_SEG_RE = re.compile(rf"^{re.escape(END_THINK + ANSWER)}.*{re.escape(END_ANSWER)}$")
+
+
+def segment_labels(token_texts: list[str], problem: Problem) -> tuple[list[str], list[bool]]:
+    """Segment kind of every token of a completion (no EOS), one of KINDS or "other", and whether
+    the token opens its segment.
+
+    Segments end after a " ." or " ?" token, and the answer segment starts at "</think>"; each is
+    classified by the generator's grammar. A step whose order word already appeared earlier in
+    the completion, and anything unparseable, is "other".
+    """
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    for i, text in enumerate(token_texts):
+        if text == END_THINK and i > start:
+            bounds.append((start, i))
+            start = i
+        if text in (" .", " ?") and not "".join(token_texts[start:i]).startswith(END_THINK):
+            bounds.append((start, i + 1))
+            start = i + 1
+    if start < len(token_texts):
+        bounds.append((start, len(token_texts)))
+    sentences = {" " + s for s in problem.sentences}
+    fillers = {" " + f for f in _FILLERS}
+    labels: list[str] = []
+    firsts: list[bool] = []
+    seen_orders: set[str] = set()
+    for lo, hi in bounds:
+        text = "".join(token_texts[lo:hi])
+        step = _STEP_RE.match(text)
+        if step:
+            kind = "step" if step.group(1) not in seen_orders else "other"
+            seen_orders.add(step.group(1))
+        elif _CHECK_RE.match(text):
+            kind = "check"
+        elif text in sentences:
+            kind = "restate"
+        elif text in fillers:
+            kind = "filler"
+        elif _ANSWER_SEG_RE.match(text):
+            kind = "answer"
+        else:
+            kind = "other"
+        labels.extend([kind] * (hi - lo))
+        firsts.extend([True] + [False] * (hi - lo - 1))
+    return labels, firsts
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+
+
+def score_rows(model, rows, postfix_ids, *, predict_mode: str, probe_stride: int, batch_size: int) -> list[dict]:
+    """MI of every response token of rows [(prompt_ids, response_ids incl. EOS)], in batches of
+    the OpenRLHF layout. Returns per row {"h": (n + 1,), "mi": (n,), "mi_norm": (n,)}."""
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        prompt_ids, prompt_mask = left_pad([p for p, _ in chunk], pad_id=0)
+        width = max(len(r) for _, r in chunk)
+        response = torch.zeros(len(chunk), width, dtype=torch.long)
+        action = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, (_, r) in enumerate(chunk):
+            response[i, : len(r)] = torch.tensor(r)
+            action[i, : len(r)] = 1
+        sequences = torch.cat([prompt_ids, response], 1)
+        attention = torch.cat([prompt_mask, action], 1)
+        h = answer_entropy(model, sequences, attention, action, postfix_ids if predict_mode == "postfix" else None,
+                           predict_mode=predict_mode, probe_stride=probe_stride, temperature=1.0)
+        mi = token_mi(h, action)
+        mi_norm = masked_sequence_normalize(mi, action)
+        for i, (_, r) in enumerate(chunk):
+            n = len(r)
+            out.append({"h": h[i, : n + 1].numpy(), "mi": mi[i, :n].numpy(), "mi_norm": mi_norm[i, :n].numpy()})
+    return out
+
+
+def summarize(scored: list[dict], labels: list[tuple[list[str], list[bool]]], *, resamples: int, seed: int) -> dict:
+    """Class statistics and AUCs over the labelled tokens. labels: per row (kind per token, opens a
+    segment per token) for the tokens before EOS; "other" and EOS are left out."""
+    mi, mi_norm, necessary, per_seq_mi, per_seq_abs, per_seq_norm, per_seq_pos = [], [], [], [], [], [], []
+    kind_all, first_all = [], []
+    for s, (k, f) in zip(scored, labels):
+        k = np.array(k + ["eos"] * (len(s["mi"]) - len(k)))
+        first = np.array(f + [False] * (len(s["mi"]) - len(f)), dtype=bool)
+        keep = np.isin(k, KINDS)
+        pos = np.isin(k[keep], NECESSARY_KINDS)
+        mi.append(s["mi"][keep])
+        mi_norm.append(s["mi_norm"][keep])
+        necessary.append(pos)
+        kind_all.append(k[keep])
+        first_all.append(first[keep])
+        per_seq_mi.append(s["mi"][keep])
+        per_seq_abs.append(np.abs(s["mi"][keep]))
+        per_seq_norm.append(s["mi_norm"][keep])
+        per_seq_pos.append(pos)
+    mi_c, norm_c, pos_c = np.concatenate(mi), np.concatenate(mi_norm), np.concatenate(necessary)
+    kind_c, first_c = np.concatenate(kind_all), np.concatenate(first_all)
+    step_or_red = kind_c != "answer"
+
+    def cls(mask):
+        return {"tokens": int(mask.sum()), "mean_mi": float(mi_c[mask].mean()) if mask.any() else None,
+                "mean_abs_mi": float(np.abs(mi_c[mask]).mean()) if mask.any() else None,
+                "std_mi": float(mi_c[mask].std()) if mask.any() else None,
+                "positive_frac": float((mi_c[mask] > 0).mean()) if mask.any() else None}
+
+    result = {
+        "necessary": cls(pos_c),
+        "redundant": cls(~pos_c),
+        "auc_mi": auc(mi_c, pos_c),
+        "auc_mi_ci95": bootstrap_auc(per_seq_mi, per_seq_pos, resamples=resamples, seed=seed),
+        "auc_abs_mi": auc(np.abs(mi_c), pos_c),
+        "auc_abs_mi_ci95": bootstrap_auc(per_seq_abs, per_seq_pos, resamples=resamples, seed=seed),
+        "auc_seq_norm_mi": auc(norm_c, pos_c),
+        "auc_seq_norm_mi_ci95": bootstrap_auc(per_seq_norm, per_seq_pos, resamples=resamples, seed=seed),
+        # Steps against redundant segments only (the closing answer tokens left out).
+        "auc_mi_steps_vs_redundant": auc(mi_c[step_or_red], pos_c[step_or_red]),
+        "auc_abs_mi_steps_vs_redundant": auc(np.abs(mi_c[step_or_red]), pos_c[step_or_red]),
+        "by_kind": {kind: cls(kind_c == kind) for kind in KINDS},
+        # First token of each segment: where the policy chooses to go on with a step or to insert
+        # a redundant segment.
+        "segment_first_token": {
+            "necessary": cls(first_c & pos_c),
+            "redundant": cls(first_c & ~pos_c),
+            "auc_mi": auc(mi_c[first_c], pos_c[first_c]),
+            "auc_seq_norm_mi": auc(norm_c[first_c], pos_c[first_c]),
+        },
+    }
+    return result
+
+
+@torch.no_grad()
+def probe_behaviour(model, tokenizer, problems, traces, prompt_ids, postfix_ids, batch_size: int = 64) -> dict:
+    """What the early-exit probe answers at segment boundaries of the generator traces.
+
+    At the start of the trace and after every segment before the answer, one plain forward of
+    prompt + trace prefix + postfix (no estimator involved): the entropy there (the h the MI is made
+    of), whether the probe's top token is the first digit of the gold answer, and whether it is the
+    first digit of the LAST number written so far (prompt included). Grouped by the number of
+    necessary steps still to come, so a probe whose uncertainty shrinks as the steps are done shows
+    falling entropy and rising gold accuracy down the table.
+    """
+    rows, keys = [], []
+    for problem, trace, pids in zip(problems, traces, prompt_ids):
+        ids, done, prefix_text = [], 0, problem.prompt
+        total = len(problem.steps)
+        boundaries = [(0, done, prefix_text, "start")]
+        for seg in trace.segments[:-1]:
+            ids += tokenizer(seg.text, add_special_tokens=False).input_ids
+            prefix_text += seg.text
+            done += seg.kind == "step"
+            boundaries.append((len(ids), done, prefix_text, seg.kind))
+        for n, done, text, after in boundaries:
+            last = re.findall(r"\d+", text)[-1]
+            rows.append(pids + ids[:n] + list(postfix_ids))
+            keys.append((total - done, after, str(problem.answer)[0], last[0]))
+    digit_id = {d: tokenizer.convert_tokens_to_ids(d) for d in "0123456789"}
+    stats: dict = {}
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        ids, mask = left_pad(chunk, pad_id=tokenizer.pad_token_id)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].float()
+        logp = logits.log_softmax(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        top = logits.argmax(-1)
+        for i, (remaining, after, gold, last) in enumerate(keys[start : start + batch_size]):
+            for key in (f"steps_remaining={remaining}", f"after_{after}"):
+                bucket = stats.setdefault(key, {"n": 0, "h": 0.0, "top_is_gold_first_digit": 0, "top_is_last_number_first_digit": 0,
+                                                "p_gold_first_digit": 0.0})
+                bucket["n"] += 1
+                bucket["h"] += float(entropy[i])
+                bucket["top_is_gold_first_digit"] += int(top[i]) == digit_id[gold]
+                bucket["top_is_last_number_first_digit"] += int(top[i]) == digit_id[last]
+                bucket["p_gold_first_digit"] += float(logp[i, digit_id[gold]].exp())
+    out = {}
+    for key in sorted(stats):
+        b = stats[key]
+        out[key] = {"n": b["n"], **{k: b[k] / b["n"] for k in b if k != "n"}}
+    return out
+
+
+def _values(scored, labels, key="mi"):
+    """(necessary values, redundant values) pooled over sequences, for the histogram."""
+    nec, red = [], []
+    for s, (k, _) in zip(scored, labels):
+        k = np.array(k + ["eos"] * (len(s[key]) - len(k)))
+        nec.append(s[key][np.isin(k, NECESSARY_KINDS)])
+        red.append(s[key][np.isin(k, REDUNDANT_KINDS)])
+    return np.concatenate(nec), np.concatenate(red)
+
+
+def plot(path: Path, panels: list[tuple[str, np.ndarray, np.ndarray, float]]) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(panels), 3.6))
+    FigureCanvasAgg(fig)
+    for i, (title, nec, red, value) in enumerate(panels, 1):
+        ax = fig.add_subplot(1, len(panels), i)
+        both = np.concatenate([nec, red])
+        lo, hi = np.percentile(both, [0.5, 99.5]) if both.size else (-1, 1)
+        lo, hi = min(lo, -0.05), max(hi, 0.05)
+        bins = np.linspace(lo, hi, 61)
+        for values, label in ((nec, "necessary"), (red, "redundant")):
+            if values.size:
+                ax.hist(np.clip(values, lo, hi), bins=bins, density=True, alpha=0.55, label=f"{label} (n={values.size})")
+        ax.set_yscale("log")
+        ax.set_title(f"{title}\nAUC(MI) = {_fmt(value, '.3f')}", fontsize=9)
+        ax.set_xlabel("token MI  s_t = h_t - h_(t+1)  (nats)")
+        if nec.size or red.size:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def warm_start_probe_trained(
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    steps: int = 1000,
+    batch_size: int = 32,
+    probe_rows: int = 16,
+    probe_weight: float = 1.0,
+    lr: float = 1e-2,
+    warmup_steps: int = 30,
+    n_train_problems: int = 20_000,
+    redundancy: float = 0.8,
+    num_threads: int = 1,
+) -> Path:
+    """EXPERIMENT, not the package's warm start: `tasks.warmstart.warm_start` plus an early-exit
+    answer loss, to test whether the MI signal needs a probe that was ever trained to answer early.
+
+    Every step's batch is the same SFT batch as `warm_start` (batch_size fresh traces, loss on the
+    completion) plus `probe_rows` rows "prompt + trace[:j] + </think><answer> + gold answer +
+    </answer>" with j uniform over the reasoning tokens, and the loss ONLY on the answer tokens: the
+    postfix is never a target, so nothing teaches the policy to stop early; what is trained is the
+    answer distribution after a truncated trace, i.e. the quantity the estimator reads. Same model
+    size, optimizer, schedule and seeds as `warm_start`.
+    """
+    import math
+
+    from iapo_openrlhf.tasks.warmstart import tiny_qwen2_config
+    from iapo_openrlhf.tasks.synthetic import build_tokenizer
+    from transformers import Qwen2ForCausalLM
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        torch.manual_seed(seed)
+        task = SyntheticTask(seed, redundancy=redundancy)
+        tokenizer = build_tokenizer()
+        model = Qwen2ForCausalLM(tiny_qwen2_config(tokenizer))
+        model.train()
+        problems = task.problems("train", n_train_problems)
+        prompt_ids = tokenizer([p.prompt for p in problems], add_special_tokens=False).input_ids
+        postfix = tokenizer(POSTFIX, add_special_tokens=False).input_ids
+        end_answer = tokenizer(END_ANSWER, add_special_tokens=False).input_ids
+        rng = random.Random(f"{seed}:warm_start_probe")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+        def schedule(step: int) -> float:
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        for _ in range(steps):
+            rows = []  # (ids, first labelled index, is a probe row)
+            for k, i in enumerate(rng.sample(range(len(problems)), batch_size)):
+                trace = task.sample_trace(problems[i], rng)
+                rows.append((prompt_ids[i] + list(trace.token_ids) + [tokenizer.eos_token_id], len(prompt_ids[i]), False))
+                if k < probe_rows:
+                    answer_len = len(tokenizer(trace.segments[-1].text, add_special_tokens=False).input_ids)
+                    j = rng.randint(0, len(trace.token_ids) - answer_len)
+                    gold = tokenizer(str(problems[i].answer), add_special_tokens=False).input_ids
+                    head = prompt_ids[i] + list(trace.token_ids[:j]) + postfix
+                    rows.append((head + gold + end_answer, len(head), True))
+            width = max(len(ids) for ids, _, _ in rows)
+            input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+            labelled = torch.zeros((len(rows), width), dtype=torch.bool)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, (ids, first, _) in enumerate(rows):
+                input_ids[r, : len(ids)] = torch.tensor(ids)
+                labelled[r, first : len(ids)] = True
+                attention_mask[r, : len(ids)] = 1
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), input_ids[:, 1:], reduction="none")
+            probe = torch.tensor([is_probe for _, _, is_probe in rows]).unsqueeze(-1)
+            target = labelled[:, 1:]
+            # SFT loss + probe_weight x early-exit answer loss, each a mean over its own tokens
+            # (pooled, the few answer tokens would be ~3% of the loss)
+            loss = nll[target & ~probe].mean() + probe_weight * nll[target & probe].mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+        model.eval()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        out_dir = Path(out_dir)
+        model.save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    finally:
+        torch.set_num_threads(previous)
+    return out_dir
+
+
+def ensure_model(path: Path, warmstart_steps: int, variant: str = "plain", probe_weight: float = 1.0) -> Path:
+    if (path / "config.json").exists():
+        return path
+    print(f"warm start ({variant}, {warmstart_steps} steps) into {path}", flush=True)
+    if variant == "probe":
+        return warm_start_probe_trained(path, seed=WARMSTART["seed"], steps=warmstart_steps, lr=WARMSTART["lr"],
+                                        redundancy=WARMSTART["redundancy"], probe_weight=probe_weight)
+    from iapo_openrlhf.tasks.warmstart import warm_start
+
+    warm_start(path, seed=WARMSTART["seed"], steps=warmstart_steps, lr=WARMSTART["lr"],
+               task=SyntheticTask(WARMSTART["seed"], redundancy=WARMSTART["redundancy"]), progress=False)
+    return path
+
+
+def run(args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = ensure_model(Path(args.model), args.warmstart_steps, args.warm_start, args.probe_weight)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    postfix_ids = tokenizer(POSTFIX, add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    task = SyntheticTask(args.seed, redundancy=WARMSTART["redundancy"])
+    problems = task.problems("test", args.num_problems)
+    prompt_ids = tokenizer([p.prompt for p in problems], add_special_tokens=False).input_ids
+    timings: dict[str, float] = {}
+
+    # (a) generator traces, exact labels
+    rng = random.Random(f"{args.seed}:mi_diagnostic")
+    traces = [task.sample_trace(p, rng) for p in problems]
+    for t in traces:
+        assert list(tokenizer(t.completion, add_special_tokens=False).input_ids) == list(t.token_ids)
+    trace_rows = [(p, list(t.token_ids) + [eos]) for p, t in zip(prompt_ids, traces)]
+    trace_labels = []
+    for t in traces:
+        lengths = [len(tokenizer(s.text, add_special_tokens=False).input_ids) for s in t.segments]
+        kinds = [s.kind for s, n in zip(t.segments, lengths) for _ in range(n)]
+        assert [int(x in REDUNDANT_KINDS) for x in kinds] == list(t.redundant_mask)
+        trace_labels.append((kinds, [i == 0 for n in lengths for i in range(n)]))
+    parsed = [segment_labels([tokenizer.decode([i]) for i in t.token_ids], p) for t, p in zip(traces, problems)]
+    agree = np.mean([pk == tk for p, t in zip(parsed, trace_labels) for pk, tk in zip(zip(*p), zip(*t))])
+
+    # (b) completions sampled from the policy, labelled by the parser
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    rollout = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens=args.max_new_tokens,
+                       temperature=1.0, batch_size=64)
+    timings["sample_seconds"] = time.perf_counter() - t0
+    a = rollout.action_mask.shape[1]
+    sample_rows, sample_labels = [], []
+    for i, p in enumerate(problems):
+        n = int(rollout.lengths[i])
+        ids = rollout.sequences[i, -a:][:n].tolist()
+        text_ids = ids[:-1] if not bool(rollout.truncated[i]) else ids
+        sample_rows.append((prompt_ids[i], ids))
+        sample_labels.append(segment_labels([tokenizer.decode([t]) for t in text_ids], p))
+    all_sample_kinds = np.array([k for kinds, _ in sample_labels for k in kinds])
+    sample_info = {
+        "accuracy": float(np.mean([check_answer(c, p) for c, p in zip(rollout.completions, problems)])),
+        "mean_length": float(rollout.lengths.float().mean()),
+        "truncated_frac": float(rollout.truncated.float().mean()),
+        "token_kind_frac": {k: float(np.mean(all_sample_kinds == k)) for k in (*KINDS, "other")},
+        "redundant_token_frac_of_labelled": float(
+            np.isin(all_sample_kinds, REDUNDANT_KINDS).sum() / max(1, np.isin(all_sample_kinds, KINDS).sum())),
+    }
+    trace_all = np.array([k for kinds, _ in trace_labels for k in kinds])
+    trace_info = {
+        "mean_length": float(np.mean([len(r) for _, r in trace_rows])),
+        "token_kind_frac": {k: float(np.mean(trace_all == k)) for k in KINDS},
+    }
+
+    t0 = time.perf_counter()
+    trace_info["probe_at_segment_boundaries"] = probe_behaviour(model, tokenizer, problems, traces, prompt_ids, postfix_ids)
+    timings["probe_behaviour_seconds"] = time.perf_counter() - t0
+    results = {"generator_traces": {"labels": "exact (SyntheticTask.sample_trace redundant_mask)", **trace_info},
+               "sampled_completions": {"labels": "parsed with the task's segment grammar", **sample_info}}
+    hist = {}
+    for name, kwargs in VARIANTS.items():
+        for source, rows, labels in (("generator_traces", trace_rows, trace_labels),
+                                     ("sampled_completions", sample_rows, sample_labels)):
+            t0 = time.perf_counter()
+            scored = score_rows(model, rows, postfix_ids, batch_size=args.batch_size, **kwargs)
+            timings[f"{source}/{name}_seconds"] = time.perf_counter() - t0
+            summary = summarize(scored, labels, resamples=args.resamples, seed=args.seed)
+            h0 = np.array([s["h"][0] for s in scored])
+            hn = np.array([s["h"][-2] if len(s["h"]) > 1 else s["h"][-1] for s in scored])
+            summary["answer_entropy"] = {"mean_h_start": float(h0.mean()), "mean_h_before_eos": float(hn.mean())}
+            results[source][name] = summary
+            hist[(source, name)] = (*_values(scored, labels), summary["auc_mi"])
+
+    report = {
+        "model": str(model_dir),
+        "num_problems": len(problems),
+        "task_seed": args.seed,
+        "postfix": POSTFIX,
+        "temperature": 1.0,
+        "primary_score": "signed MI s_t = h_t - h_{t+1} (what IAPO's advantage adds); |MI| secondary",
+        "parser_agreement_on_generator_traces": float(agree),
+        "target": {"auc_postfix_min": 0.7},
+        **results,
+        "timings": timings,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    (out / "mi_diagnostic.json").write_text(json.dumps(report, indent=2) + "\n")
+    panels = [(f"{src.replace('_', ' ')}: {name}", *hist[(src, name)])
+              for src in ("generator_traces", "sampled_completions") for name in VARIANTS]
+    plot(out / "mi_histogram.png", panels[:3])
+    plot(out / "mi_histogram_sampled.png", panels[3:])
+    return report
+
+
+def _fmt(value, spec: str) -> str:
+    return "n.a." if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
+
+
+def print_summary(report: dict) -> None:
+    print("\nprobe at segment boundaries of generator traces (top = the probe's most likely answer token):")
+    print("| where | n | mean h | top = gold 1st digit | top = last number's 1st digit | p(gold 1st digit) |")
+    print("|---|---|---|---|---|---|")
+    for key, b in report["generator_traces"]["probe_at_segment_boundaries"].items():
+        print(f"| {key} | {b['n']} | {b['h']:.3f} | {b['top_is_gold_first_digit']:.3f} | "
+              f"{b['top_is_last_number_first_digit']:.3f} | {b['p_gold_first_digit']:.3f} |")
+    print(f"\nmodel {report['model']}, {report['num_problems']} test problems; parser agreement on generator "
+          f"traces {report['parser_agreement_on_generator_traces']:.4f}")
+    head = ("| tokens | estimator | mean MI nec. | mean MI red. | mean abs MI nec. | mean abs MI red. "
+            "| AUC(MI) [95%] | AUC(abs MI) | AUC(seq-norm MI) | AUC(MI) steps vs red. |")
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for source in ("generator_traces", "sampled_completions"):
+        for name in VARIANTS:
+            r = report[source][name]
+            ci = r["auc_mi_ci95"]
+            print(f"| {source} | {name} | {_fmt(r['necessary']['mean_mi'], '+.4f')} | "
+                  f"{_fmt(r['redundant']['mean_mi'], '+.4f')} | {_fmt(r['necessary']['mean_abs_mi'], '.4f')} | "
+                  f"{_fmt(r['redundant']['mean_abs_mi'], '.4f')} | {_fmt(r['auc_mi'], '.3f')} "
+                  f"[{_fmt(ci[0], '.3f')}, {_fmt(ci[1], '.3f')}] | {_fmt(r['auc_abs_mi'], '.3f')} | "
+                  f"{_fmt(r['auc_seq_norm_mi'], '.3f')} | {_fmt(r['auc_mi_steps_vs_redundant'], '.3f')} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"warm-started policy (default {DEFAULT_MODEL}; warm-started there if missing)")
+    parser.add_argument("--out", default="runs/mi_diagnostic")
+    parser.add_argument("--num-problems", type=int, default=500, help="held-out problems (one trace + one sample each)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--resamples", type=int, default=500, help="bootstrap resamples for the AUC intervals")
+    parser.add_argument("--warm-start", choices=["plain", "probe"], default="plain",
+                        help="when --model does not exist: the package's warm start (plain), or the experiment "
+                             "with an early-exit answer loss (probe, see warm_start_probe_trained)")
+    parser.add_argument("--probe-weight", type=float, default=1.0, help="--warm-start probe: weight of the answer loss")
+    parser.add_argument("--warmstart-steps", type=int, default=WARMSTART["steps"],
+                        help="SFT steps when --model does not exist yet (default: local_tiny's)")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    report = run(args)
+    print_summary(report)
+    print(f"\n{time.perf_counter() - t0:.0f} s; wrote {Path(args.out) / 'mi_diagnostic.json'}, "
+          f"{Path(args.out) / 'mi_histogram.png'}, {Path(args.out) / 'mi_histogram_sampled.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""scripts/reproduce_synthetic.py --smoke: the whole study at toy size (warm start, every method,
+iapo-eval, aggregation, table and plots) in one subprocess, as CI runs it."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "reproduce_synthetic.py"
+METHODS = ("grpo", "dapo", "iapo", "iapo_beta0", "iapo_alpha0")
+KEYS = [f"{m}@{k}" for k in (1, 4, 8) for m in ("P", "L", "R")]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_every_method_has_numbers(smoke):
+    out, _ = smoke
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == set(METHODS)
+    for method, agg in results["methods"].items():
+        for key in KEYS + ["accuracy", "mean_length", "time_rollout", "time_mi", "time_update", "time_step",
+                           "redundant_tokens", "redundant_frac"]:
+            mean, std = agg[key]
+            assert _finite(mean) and _finite(std), (method, key, agg[key])
+        assert 0.0 <= agg["P@8"][0] <= 1.0 and agg["L@8"][0] > 0
+        assert agg["time_step"][0] > 0 and agg["time_rollout"][0] > 0
+    for key in KEYS:
+        assert _finite(results["initial"][key])
+
+
+def test_equal_rollout_budget_and_shared_eval(smoke):
+    out, _ = smoke
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert sorted(r["method"] for r in runs) == sorted(METHODS)
+    budget = results["meta"]["steps"] * 64
+    problems = {r["eval"]["num_problems"] for r in runs}
+    assert problems == {results["meta"]["eval_problems"]}  # the same held-out problems for every method
+    for r in runs:
+        assert r["budget_rollouts"] == budget and r["rollouts"] >= budget
+        if r["method"] != "dapo":  # DAPO may take fewer updates (it resamples groups)
+            assert r["rollouts"] == budget and r["steps"] == results["meta"]["steps"]
+        assert (out / "runs" / f"{r['method']}_s0" / "eval" / "metrics.json").exists()  # written by iapo-eval
+        assert r["curve"][0]["step"] == 0 and r["curve"][-1]["rollouts"] == r["rollouts"]
+    # IAPO runs the MI estimator, GRPO does not: the step split must show it
+    iapo = next(r for r in runs if r["method"] == "iapo")
+    assert all("mi_mean" in t for t in iapo["train"])
+    assert not any("mi_mean" in t for t in next(r for r in runs if r["method"] == "grpo")["train"])
+
+
+def test_table_and_plots(smoke):
+    out, stdout = smoke
+    table = (out / "results.md").read_text()
+    for method in METHODS:
+        rows = [line for line in table.splitlines() if line.startswith(f"| {method} |")]
+        assert len(rows) == 3, method  # metrics, redundancy and step-time rows
+        assert "nan" not in rows[0].lower() and "n.a." not in rows[0]
+    assert "| P@1 | L@1 | R@1 | P@4 | L@4 | R@4 | P@8 | L@8 | R@8 |" in table
+    assert "IAPO L@8 <= 0.75 x GRPO's" in table
+    for name in ("curves.png", "accuracy_vs_length.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert "wrote" in stdout
