@@ -38,7 +38,7 @@ setup(
         # --no-deps by .ci/run because its metadata pulls GPU-only packages (flash-attn, vllm).
         "openrlhf": [
             "deepspeed>=0.19,<0.20", "ray[default]>=2.55,<3", "peft", "datasets", "torchdata", "aiohttp",
-            "einops", "jsonlines", "tensorboard", "math-verify>=0.9",
+            "einops", "jsonlines", "tensorboard", "pylatexenc", "math-verify>=0.9",
         ],
         # A GPU cluster: OpenRLHF with its own pins (vLLM, flash-attn) on top of the above.
         "gpu": ["openrlhf[vllm]>=0.11.2,<0.12", "flash-attn>=2.8"],

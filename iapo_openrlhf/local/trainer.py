@@ -380,17 +380,20 @@ class LocalTrainer:
         shutil.rmtree(final, ignore_errors=True)
         self.model.save_pretrained(final)
         self.tokenizer.save_pretrained(final)
+        # A resumed run takes what it did not evaluate itself from the log (a finished run
+        # resumed again runs no step at all).
+        evals = _logged_evals(self.log_path)
         if "before" not in history:
-            history["before"] = _first_eval(self.log_path)
+            history["before"] = next((e for step, e in evals if step == 0), None)
+        if "after" not in history:
+            history["after"] = evals[-1][1] if evals else None
         return history
 
 
-def _first_eval(log_path: Path) -> dict | None:
-    for line in log_path.read_text().splitlines():
-        record = json.loads(line)
-        if record["step"] == 0 and "eval" in record:
-            return record["eval"]
-    return None
+def _logged_evals(log_path: Path) -> list[tuple[int, dict]]:
+    """(step, evaluation) records of metrics.jsonl, in order."""
+    records = (json.loads(line) for line in log_path.read_text().splitlines() if line.strip())
+    return [(r["step"], r["eval"]) for r in records if "eval" in r]
 
 
 def _keep_varied_groups(batch: Batch, g: int) -> torch.Tensor:
