@@ -223,10 +223,15 @@ def summarize(scored: list[dict], labels: list[tuple[list[str], list[bool]]], *,
     """Class statistics and AUCs over the labelled tokens. labels: per row (kind per token, opens a
     segment per token) for the tokens before EOS; "other" and EOS are left out."""
     mi, mi_norm, necessary, per_seq_mi, per_seq_abs, per_seq_norm, per_seq_pos = [], [], [], [], [], [], []
-    kind_all, first_all = [], []
+    kind_all, first_all, seg_sum, seg_step = [], [], [], []
     for s, (k, f) in zip(scored, labels):
         k = np.array(k + ["eos"] * (len(s["mi"]) - len(k)))
         first = np.array(f + [False] * (len(s["mi"]) - len(f)), dtype=bool)
+        starts = np.flatnonzero(first)
+        for a, b in zip(starts, list(starts[1:]) + [len(f)]):  # whole segments: sum of MI = h_start - h_end
+            if k[a] in ("step", *REDUNDANT_KINDS):
+                seg_sum.append(float(s["mi"][a:b].sum()))
+                seg_step.append(k[a] == "step")
         keep = np.isin(k, KINDS)
         pos = np.isin(k[keep], NECESSARY_KINDS)
         mi.append(s["mi"][keep])
@@ -261,6 +266,14 @@ def summarize(scored: list[dict], labels: list[tuple[list[str], list[bool]]], *,
         "auc_mi_steps_vs_redundant": auc(mi_c[step_or_red], pos_c[step_or_red]),
         "auc_abs_mi_steps_vs_redundant": auc(np.abs(mi_c[step_or_red]), pos_c[step_or_red]),
         "by_kind": {kind: cls(kind_c == kind) for kind in KINDS},
+        # Whole segments: the MI summed over a segment is the answer entropy before it minus after it.
+        "segment_sum": {
+            "steps": int(np.sum(seg_step)), "redundant": int(len(seg_step) - np.sum(seg_step)),
+            "mean_step": float(np.mean([v for v, st in zip(seg_sum, seg_step) if st])) if any(seg_step) else None,
+            "mean_redundant": float(np.mean([v for v, st in zip(seg_sum, seg_step) if not st]))
+            if not all(seg_step) else None,
+            "auc": auc(seg_sum, seg_step) if seg_sum else float("nan"),
+        },
         # First token of each segment: where the policy chooses to go on with a step or to insert
         # a redundant segment.
         "segment_first_token": {
@@ -587,7 +600,7 @@ def print_summary(report: dict) -> None:
     print(f"\nmodel {report['model']}, {report['num_problems']} test problems; parser agreement on generator "
           f"traces {report['parser_agreement_on_generator_traces']:.4f}")
     head = ("| tokens | estimator | mean MI nec. | mean MI red. | mean abs MI nec. | mean abs MI red. "
-            "| AUC(MI) [95%] | AUC(abs MI) | AUC(seq-norm MI) | AUC(MI) steps vs red. |")
+            "| AUC(MI) [95%] | AUC(abs MI) | AUC(seq-norm MI) | AUC(MI) steps vs red. | AUC(segment sum) |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     for source in ("generator_traces", "sampled_completions"):
@@ -598,7 +611,8 @@ def print_summary(report: dict) -> None:
                   f"{_fmt(r['redundant']['mean_mi'], '+.4f')} | {_fmt(r['necessary']['mean_abs_mi'], '.4f')} | "
                   f"{_fmt(r['redundant']['mean_abs_mi'], '.4f')} | {_fmt(r['auc_mi'], '.3f')} "
                   f"[{_fmt(ci[0], '.3f')}, {_fmt(ci[1], '.3f')}] | {_fmt(r['auc_abs_mi'], '.3f')} | "
-                  f"{_fmt(r['auc_seq_norm_mi'], '.3f')} | {_fmt(r['auc_mi_steps_vs_redundant'], '.3f')} |")
+                  f"{_fmt(r['auc_seq_norm_mi'], '.3f')} | {_fmt(r['auc_mi_steps_vs_redundant'], '.3f')} | "
+                  f"{_fmt(r['segment_sum']['auc'], '.3f')} |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -251,7 +251,7 @@ def aggregate(summaries: list[dict], initial: dict, methods: list[str]) -> dict:
         for key in ("rollout", "mi", "update", "step"):
             agg[f"time_{key}"] = mean_std([r["time"][key] for r in runs])
         for key in ("redundant_tokens", "redundant_frac"):
-            agg[key] = mean_std([r["curve"][-1][key] for r in runs])
+            agg[key] = mean_std([r["curve"][-1].get(key, math.nan) for r in runs])
         per_method[method] = agg
     return {"initial": initial["eval"], "initial_curve": initial["curve0"], "methods": per_method}
 
@@ -293,7 +293,7 @@ def markdown(agg: dict, meta: dict) -> str:
     red_lines = ["| Method | accuracy (mean of all samples) | mean length | redundant tokens / completion "
                  "| redundant share |", "|---|" + ":---:|" * 4,
                  f"| warm start (no RL) | {init['accuracy']:.4f} | {init['mean_length']:.2f} | "
-                 f"{ic['redundant_tokens']:.2f} | {ic['redundant_frac']:.3f} |"]
+                 f"{ic.get('redundant_tokens', math.nan):.2f} | {ic.get('redundant_frac', math.nan):.3f} |"]
     time_lines = ["| Method | rollout s/step | MI s/step | update s/step | step s | x GRPO | updates | rollouts |",
                   "|---|" + ":---:|" * 7]
     for method, a in agg["methods"].items():
