@@ -58,6 +58,43 @@ Output: a Markdown table on stdout, the target checks with PASS / FAIL / n.a., a
 
     python scripts/bench_mi.py --quick   # L = 128, 256: about 1.5 min on 2 CPU cores
     python scripts/bench_mi.py           # L = 128 .. 2048: about 7-10 min (kv_copy at 2048: 2-4 min)
+
+Tensor parallel (--tp N, issue 4)
+---------------------------------
+    python scripts/bench_mi.py --tp 2    # L = 512: about 2 min on 2 idle CPU cores; JSON bench_mi_tp.json
+
+The same model (seeded, so the same weights) and batch, with
+`answer_entropy(model, ..., return_log_probs=True)` (chunked, automatic chunk size: what the
+actor calls). The script re-launches itself once per case, each in fresh processes, with
+DS_ACCELERATOR=cpu:
+  tp1                      the plain transformers model in one process, 1 thread (the reference)
+  tp1_same_cores           the same with N threads (as many cores as the TP ranks use together)
+  tpN_replicated_head      `python -m torch.distributed.run --standalone --nproc_per_node N ...`:
+                           gloo, `deepspeed.initialize(model, AdamW, {"zero_optimization":
+                           {"stage": 0}, "tensor_parallel": {"autotp_size": N,
+                           "vocab_parallel_lm_head": False}})`, 1 thread per rank. DeepSpeed's
+                           training-mode AutoTP makes the LM head column-parallel and all-gathers
+                           its output: every rank gets the full logits (the "gather" baseline).
+  tpN_vocab_parallel_head  the same with "vocab_parallel_lm_head": True: each rank keeps its
+                           vocabulary shard and the estimator reduces max / sum-exp partial sums.
+The estimator finds the layout on the engine itself (`parallel_layout`). Per rank: the first
+estimator call measures the memory (VmHWM after it - VmRSS before it, clear_refs reset as above),
+then --repeats (default 3) timed calls (median) and as many plain forwards of the batch through
+the engine. Ranks start every call together (barrier); "noisy" flags a call during which
+processes other than the ranks used >= 10% of the CPUs. Correctness: the largest |difference| of
+every rank's entropies and log-probs from tp1's.
+
+Bytes: the script wraps the collectives in its own processes (no library code changed):
+`torch.distributed.{all_reduce, all_gather, all_gather_into_tensor, ...}` and the same methods of
+DeepSpeed's comm backend, plus `inference_all_reduce` (AutoTP's row-parallel all-reduce in eval
+mode, which may run in DeepSpeed's shared-memory kernel and never reach torch.distributed). Each
+call is filed as "estimator" (called from iapo_openrlhf: the batch fingerprint all-gather and the
+vocab-parallel reductions), "lm_head" (DeepSpeed collectives while the LM head runs: the logit
+all-gather) or "body" (AutoTP's row-parallel all-reduces of o_proj / down_proj outputs, the same
+in both TP cases). Bytes per rank as a ring moves them: all-reduce 2 (p-1)/p x tensor bytes,
+all-gather (p-1)/p x output bytes. Reference: gathering the fp32 logits of the rows that went
+through the LM head in the same call (counted by a forward hook) moves
+rows x vocab x 4 B x (p-1)/p per rank; the tpN_replicated_head row measures that gather for real.
 """
 
 from __future__ import annotations
@@ -68,8 +105,11 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -465,6 +505,526 @@ def check_targets(rows: list[Row], postfix_len: int) -> list[dict[str, str]]:
     return targets
 
 
+# ---------------------------------------------------------------------------------------------
+# Tensor parallel (--tp N): the estimator on a DeepSpeed AutoTP engine against one process
+# ---------------------------------------------------------------------------------------------
+
+# "tp1*": the plain model in one process; "tpN*": the AutoTP engine on N ranks (N = --tp).
+TP_CASES = ("tp1", "tp1_same_cores", "tpN_replicated_head", "tpN_vocab_parallel_head")
+TP_DEFAULT_LENGTHS = (512,)
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor")
+
+
+def _nbytes(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(t) for t in x)
+    return 0
+
+
+def _wire_bytes(op: str, payload: int, world: int) -> float:
+    """Bytes one rank sends in a ring implementation: all-reduce 2 (p-1)/p n (reduce-scatter then
+    all-gather of n bytes), all-gather (p-1)/p n_out, reduce-scatter (p-1)/p n_in, broadcast n."""
+    if world <= 1:
+        return 0.0
+    if op in ("all_reduce", "inference_all_reduce"):
+        return 2 * (world - 1) / world * payload
+    if op in ("all_gather", "all_gather_into_tensor", "reduce_scatter_tensor"):
+        return (world - 1) / world * payload
+    return float(payload)
+
+
+class CollectiveCounter:
+    """Counts what collectives move, by wrapping them in this process (no library code changed).
+
+    Two levels: DeepSpeed's comm backend (`deepspeed.comm.torch.TorchBackend`, which AutoTP's
+    layers call, and whose `inference_all_reduce` may take a shared-memory kernel that never
+    reaches torch.distributed), and `torch.distributed` itself (which the estimator calls). A call
+    made inside a backend call is not counted again. Category: "estimator" when the caller's module
+    is `iapo_openrlhf.*`; "lm_head" for DeepSpeed collectives while the LM head runs (forward
+    hooks); "body" for the other DeepSpeed collectives (AutoTP's row-parallel all-reduces);
+    "other" for the rest. Payload = bytes of the tensor reduced / gathered (the output for gathers).
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.in_lm_head = False
+        self.lm_head_rows = 0
+        self._depth = 0
+        self.records: dict[str, dict[str, Any]] = {}
+
+    def reset(self) -> None:
+        self.records, self.lm_head_rows = {}, 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return dict(by_category=json.loads(json.dumps(self.records)), lm_head_rows=self.lm_head_rows)
+
+    def _add(self, category: str, op: str, payload: int, world: int) -> None:
+        rec = self.records.setdefault(category, dict(calls=0, payload_bytes=0, wire_bytes=0.0, ops={}))
+        rec["calls"] += 1
+        rec["payload_bytes"] += payload
+        rec["wire_bytes"] += _wire_bytes(op, payload, world)
+        rec["ops"][op] = rec["ops"].get(op, 0) + 1
+
+    @staticmethod
+    def _payload(op: str, args: tuple, kwargs: dict) -> int:
+        if op == "all_gather":
+            return _nbytes(kwargs.get("tensor_list", args[0] if args else None))
+        if op == "all_gather_into_tensor":
+            return _nbytes(kwargs.get("output_tensor", args[0] if args else None))
+        if op == "reduce_scatter_tensor":
+            return _nbytes(kwargs.get("input", args[1] if len(args) > 1 else None))
+        return _nbytes(kwargs.get("tensor", args[0] if args else None))
+
+    @staticmethod
+    def _world(args: tuple, kwargs: dict) -> int:
+        import torch.distributed as dist
+
+        group = kwargs.get("group")
+        if group is None:
+            group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
+        return dist.get_world_size(group) if dist.is_initialized() else 1
+
+    def wrap_torch(self) -> None:
+        import torch.distributed as dist
+
+        for op in COLLECTIVE_OPS:
+            original = getattr(dist, op, None)
+            if original is None or getattr(original, "_bench_counted", False):
+                continue
+
+            def wrapper(*args, _op=op, _original=original, **kwargs):
+                if self.enabled and self._depth == 0:
+                    caller = sys._getframe(1).f_globals.get("__name__", "")
+                    category = "estimator" if caller.startswith("iapo_openrlhf") else "other"
+                    self._add(category, _op, self._payload(_op, args, kwargs), self._world(args, kwargs))
+                return _original(*args, **kwargs)
+
+            wrapper._bench_counted = True
+            setattr(dist, op, wrapper)
+
+    def wrap_deepspeed(self) -> None:
+        from deepspeed.comm.torch import TorchBackend
+
+        for op in ("inference_all_reduce", *COLLECTIVE_OPS):
+            original = getattr(TorchBackend, op, None)
+            if original is None or getattr(original, "_bench_counted", False):
+                continue
+
+            def method(backend, *args, _op=op, _original=original, **kwargs):
+                if self.enabled and self._depth == 0:
+                    category = "lm_head" if self.in_lm_head else "body"
+                    payload_op = "all_reduce" if _op == "inference_all_reduce" else _op
+                    self._add(category, _op, self._payload(payload_op, args, kwargs), self._world(args, kwargs))
+                self._depth += 1
+                try:
+                    return _original(backend, *args, **kwargs)
+                finally:
+                    self._depth -= 1
+
+            method._bench_counted = True
+            setattr(TorchBackend, op, method)
+
+    def watch_lm_head(self, head: torch.nn.Module) -> None:
+        def before(module, inputs):
+            self.in_lm_head = True
+
+        def after(module, inputs, output):
+            self.in_lm_head = False
+            if self.enabled:
+                self.lm_head_rows += output.numel() // output.shape[-1]
+
+        head.register_forward_pre_hook(before)
+        head.register_forward_hook(after)
+
+
+def _tp_case_setup(case: str, tp: int) -> tuple[int, bool | None]:
+    """(tensor-parallel size, vocab_parallel_lm_head) of a case."""
+    return {
+        "tp1": (1, None),
+        "tp1_same_cores": (1, None),
+        "tpN_replicated_head": (tp, False),
+        "tpN_vocab_parallel_head": (tp, True),
+    }[case]
+
+
+def _case_threads(case: str, tp: int, threads: int | None) -> int:
+    """torch threads per process: --threads (default 1) per rank; tp1_same_cores runs one process
+    with as many threads as the TP ranks have together."""
+    return (threads or 1) * (tp if case == "tp1_same_cores" else 1)
+
+
+def tp_worker(args: argparse.Namespace) -> None:
+    """One case at one length, in fresh processes: the plain model in one process (tp1*) or the
+    AutoTP engine on every rank of a torchrun launch. Writes its results to args.tp_part (JSON,
+    rank 0, every rank's record) and the entropies / log-probs of each rank to .rank{r}.pt."""
+    case, length = args.tp_case, args.lengths[0]
+    tp, vocab_parallel = _tp_case_setup(case, args.tp)
+    threads = _case_threads(case, args.tp, args.threads)
+    torch.set_num_threads(threads)
+    counter = CollectiveCounter()
+    counter.wrap_torch()
+    rank, world = 0, 1
+    if tp > 1:
+        import deepspeed
+        import torch.distributed as dist
+
+        counter.wrap_deepspeed()
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if world != tp:
+            raise SystemExit(f"--tp {tp}: launched with {world} processes, expected {tp}")
+
+    job = Job(length=length, method="chunked", batch=args.batch, prompt_len=args.prompt_len,
+              postfix_len=args.postfix_len, seed=args.seed, chunk_tokens=args.chunk_tokens)
+    batch = build_batch(job)
+    model = build_model(args.seed, job.prompt_len + length + job.postfix_len + 8)
+    if tp > 1:
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": 0},
+            "tensor_parallel": {"autotp_size": tp, "vocab_parallel_lm_head": vocab_parallel},
+        }
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        hf, target = engine.module, engine
+
+        def sync() -> None:
+            dist.barrier()
+
+        def all_sum(x: float) -> float:
+            t = torch.tensor([x], dtype=torch.float64)
+            dist.all_reduce(t)
+            return float(t)
+    else:
+        hf = target = model
+
+        def sync() -> None:
+            pass
+
+        def all_sum(x: float) -> float:
+            return x
+
+    from iapo_openrlhf.core.mi import parallel_layout
+
+    layout = parallel_layout(target)
+    head = hf.get_output_embeddings()
+    counter.watch_lm_head(head)
+
+    def estimate() -> tuple[torch.Tensor, torch.Tensor]:
+        return answer_entropy(target, batch["sequences"], batch["attention_mask"], batch["action_mask"],
+                              batch["postfix"], return_log_probs=True, chunk_tokens=args.chunk_tokens)
+
+    def forward() -> torch.Tensor:
+        target.eval()
+        with torch.no_grad():
+            return target(input_ids=batch["sequences"], attention_mask=batch["attention_mask"],
+                          position_ids=batch["position_ids"]).logits
+
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def timed(call: Callable[[], Any]) -> tuple[dict[str, Any], Any]:
+        """Wall s of this rank's call; the share of the CPUs that processes other than the ranks of
+        this launch used over it (the ranks' CPU time summed); collectives counted over the call."""
+        sync()
+        counter.reset()
+        busy0, total0 = _cpu_jiffies()
+        c0, t0 = time.process_time(), time.perf_counter()
+        counter.enabled = True
+        result = call()
+        counter.enabled = False
+        wall = time.perf_counter() - t0
+        sync()
+        busy1, total1 = _cpu_jiffies()
+        ours = all_sum(time.process_time() - c0)
+        others = max(0.0, (busy1 - busy0) - ours * hz) / max(1, total1 - total0)
+        return dict(seconds=wall, others_cpu=min(1.0, others), collectives=counter.snapshot()), result
+
+    # Estimator: the first call of the process measures the memory, then warm timed calls.
+    sync()
+    memory_method = "clear_refs" if _reset_peak_rss() else "hwm_no_reset"
+    rss_before = _status_kb("VmRSS")
+    cold, (h, lp) = timed(estimate)
+    hwm = _status_kb("VmHWM")
+    calls = [timed(estimate)[0] for _ in range(args.repeats or 3)]
+    forward_cold, logits = timed(forward)
+    logits_width = logits.shape[-1]
+    del logits
+    forward_calls = [timed(forward)[0] for _ in range(args.repeats or 3)]
+
+    # Counts of a warm call; the first forward of an engine may add one-off collectives.
+    same_counts = all(c["collectives"] == calls[0]["collectives"] for c in calls)
+    record = dict(
+        rank=rank,
+        world=world,
+        threads=threads,
+        case=case,
+        length=length,
+        layout=dict(tp_size=layout.tp_size, vocab_parallel=layout.vocab_parallel, vocab_start=layout.vocab_start,
+                    vocab_end=layout.vocab_end),
+        lm_head_class=type(head).__name__,
+        logits_width=logits_width,
+        estimator=dict(
+            seconds=statistics.median(c["seconds"] for c in calls),
+            times=[c["seconds"] for c in calls],
+            others_cpu=[c["others_cpu"] for c in calls],
+            cold_seconds=cold["seconds"],
+            collectives=calls[-1]["collectives"],
+            collectives_cold_call=cold["collectives"],
+            collectives_same_every_call=same_counts,
+            collectives_of_timed_calls=None if same_counts else [c["collectives"] for c in calls],
+        ),
+        forward=dict(
+            seconds=statistics.median(c["seconds"] for c in forward_calls),
+            times=[c["seconds"] for c in forward_calls],
+            others_cpu=[c["others_cpu"] for c in forward_calls],
+            cold_seconds=forward_cold["seconds"],
+            collectives=forward_calls[-1]["collectives"],
+        ),
+        rss_before_mb=None if rss_before is None else rss_before / 1024,
+        hwm_mb=None if hwm is None else hwm / 1024,
+        peak_mb=None if rss_before is None or hwm is None else max(0, hwm - rss_before) / 1024,
+        memory_method=memory_method,
+    )
+    if tp > 1:
+        import deepspeed.comm.comm as ds_comm
+
+        record["shm_vector_kernel_level"] = getattr(ds_comm.cdb, "shm_vector_kernel_level", None)
+        records: list[Any] = [None] * world
+        dist.all_gather_object(records, record)
+    else:
+        records = [record]
+    torch.save(dict(h=h, log_probs=lp), f"{args.tp_part}.rank{rank}.pt")
+    if rank == 0:
+        Path(args.tp_part).write_text(json.dumps(dict(ranks=records, deepspeed=_deepspeed_version()), indent=2) + "\n")
+    if tp > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _deepspeed_version() -> str | None:
+    try:
+        import deepspeed
+
+        return deepspeed.__version__
+    except ImportError:
+        return None
+
+
+def _launch_case(args: argparse.Namespace, case: str, length: int, part: Path) -> dict[str, Any]:
+    tp, _ = _tp_case_setup(case, args.tp)
+    script = str(Path(__file__).resolve())
+    worker = [script, "--tp-worker", "--tp", str(args.tp), "--tp-case", case, "--tp-part", str(part),
+              "--lengths", str(length), "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
+              "--postfix-len", str(args.postfix_len), "--seed", str(args.seed)]
+    for flag, value in (("--chunk-tokens", args.chunk_tokens), ("--repeats", args.repeats), ("--threads", args.threads)):
+        if value is not None:
+            worker += [flag, str(value)]
+    if tp > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}", *worker]
+    else:
+        command = [sys.executable, *worker]
+    threads = _case_threads(case, args.tp, args.threads)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads))
+    if args.wait_idle > 0:
+        wait_for_idle(args.wait_idle)
+    t0 = time.perf_counter()
+    # Own session: on a timeout the whole launch (torchrun and its ranks) is killed, not just torchrun.
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=args.tp_timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        proc.returncode = f"timeout after {args.tp_timeout:.0f} s"
+    if proc.returncode != 0 or not part.exists():
+        sys.stderr.write(output[-12000:])
+        raise SystemExit(f"[bench_mi] {case} L={length} failed (exit {proc.returncode}): {' '.join(command)}")
+    result = json.loads(part.read_text())
+    result["outputs"] = [torch.load(f"{part}.rank{r}.pt") for r in range(len(result["ranks"]))]
+    result["launch_seconds"] = time.perf_counter() - t0
+    r0 = result["ranks"][0]
+    print(
+        f"[bench_mi] L={length:<5} {case:<24} estimator {' / '.join('%.3f' % r['estimator']['seconds'] for r in result['ranks'])} s, "
+        f"forward {' / '.join('%.3f' % r['forward']['seconds'] for r in result['ranks'])} s, "
+        f"peak {' / '.join('%.0f' % (r['peak_mb'] or 0) for r in result['ranks'])} MB, head {r0['lm_head_class']} "
+        f"(launch {result['launch_seconds']:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return result
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def _per_rank(values: list[float | None], spec: str) -> str:
+    return " / ".join(fmt(v, spec) for v in values)
+
+
+def _tp_rows(args: argparse.Namespace, length: int, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per case: per-rank times, memory, collective bytes, the logit-gather reference, diffs."""
+    ref = results["tp1"]
+    ref_h, ref_lp = ref["outputs"][0]["h"], ref["outputs"][0]["log_probs"]
+    ref_seconds = ref["ranks"][0]["estimator"]["seconds"]
+    vocab = MODEL_CONFIG["vocab_size"]
+    rows = []
+    for case, res in results.items():
+        ranks = res["ranks"]
+        tp = ranks[0]["world"]
+        est = [r["estimator"] for r in ranks]
+        cats = [e["collectives"]["by_category"] for e in est]
+
+        def total(category: str, key: str, cats=cats) -> list[float]:
+            return [c.get(category, {}).get(key, 0) for c in cats]
+
+        head_rows = est[0]["collectives"]["lm_head_rows"]
+        gather_formula = head_rows * vocab * 4 * (tp - 1) / tp
+        # The cases are compared with each other: any case that shared the CPUs is flagged.
+        others = max(max(e["others_cpu"] + r["forward"]["others_cpu"]) for e, r in zip(est, ranks))
+        note = f"noisy: other processes used {others:.0%} of the CPUs" if others >= 0.1 else ""
+        if not all(e["collectives_same_every_call"] for e in est):
+            note = "; ".join(x for x in (note, "collective counts differ between calls") if x)
+        rows.append(dict(
+            length=length,
+            case=case.replace("tpN", f"tp{tp}"),
+            tp=tp,
+            threads_per_rank=ranks[0]["threads"],
+            lm_head=ranks[0]["lm_head_class"],
+            shm_vector_kernel_level=ranks[0].get("shm_vector_kernel_level"),
+            vocab_parallel=ranks[0]["layout"]["vocab_parallel"],
+            logits_width=ranks[0]["logits_width"],
+            estimator_seconds=[e["seconds"] for e in est],
+            x_tp1=max(e["seconds"] for e in est) / ref_seconds,
+            forward_seconds=[r["forward"]["seconds"] for r in ranks],
+            peak_mb=[r["peak_mb"] for r in ranks],
+            rss_before_mb=[r["rss_before_mb"] for r in ranks],
+            memory_method=ranks[0]["memory_method"],
+            lm_head_rows=head_rows,
+            estimator_calls=total("estimator", "calls"),
+            estimator_payload_bytes=total("estimator", "payload_bytes"),
+            estimator_wire_bytes=total("estimator", "wire_bytes"),
+            lm_head_payload_bytes=total("lm_head", "payload_bytes"),
+            lm_head_wire_bytes=total("lm_head", "wire_bytes"),
+            body_calls=total("body", "calls"),
+            body_wire_bytes=total("body", "wire_bytes"),
+            other_wire_bytes=total("other", "wire_bytes"),
+            logit_gather_formula_bytes=gather_formula,
+            forward_collectives=[r["forward"]["collectives"] for r in ranks],
+            max_diff_h=max(_max_diff(o["h"], ref_h) for o in res["outputs"]),
+            max_diff_log_probs=max(_max_diff(o["log_probs"], ref_lp) for o in res["outputs"]),
+            others_cpu=others,
+            note=note,
+            ranks=ranks,
+        ))
+    return rows
+
+
+def _bytes(x: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}"
+    return f"{x:.0f} B"
+
+
+def _ratio(x: float, reference: float) -> str:
+    if reference <= 0:
+        return "-"
+    return f"{x / reference:.3f}" if x >= 0.01 * reference else f"1/{reference / max(x, 1e-9):.0f}"
+
+
+def tp_tables(rows: list[dict[str, Any]]) -> str:
+    time_lines = [
+        "| L | case | ranks x threads | LM head | estimator s (per rank) | x TP1 | forward s (per rank) | "
+        "peak MB (per rank) | max diff h / log-probs vs TP1 | note |",
+        "|---:|---|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    byte_lines = [
+        "| L | case | LM-head rows | estimator's own collectives (calls, bytes/rank) | LM-head logit gather "
+        "(measured, bytes/rank) | gathering the logits (formula, bytes/rank) | (estimator + LM-head gather) / formula | "
+        "AutoTP body all-reduces (calls, bytes/rank) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        head = "vocab-parallel" if r["vocab_parallel"] else ("full" if r["tp"] == 1 else "gathered (column-parallel)")
+        time_lines.append(
+            f"| {r['length']} | {r['case']} | {r['tp']} x {r['threads_per_rank']} | {head} | "
+            f"{_per_rank(r['estimator_seconds'], '.3f')} | {r['x_tp1']:.2f} | {_per_rank(r['forward_seconds'], '.3f')} | "
+            f"{_per_rank(r['peak_mb'], '.0f')} | {r['max_diff_h']:.1e} / {r['max_diff_log_probs']:.1e} | {r['note']} |"
+        )
+        if r["tp"] > 1:
+            byte_lines.append(
+                f"| {r['length']} | {r['case']} | {r['lm_head_rows']} | "
+                f"{r['estimator_calls'][0]}, {_bytes(r['estimator_wire_bytes'][0])} | "
+                f"{_bytes(r['lm_head_wire_bytes'][0]) if r['lm_head_wire_bytes'][0] else '-'} | "
+                f"{_bytes(r['logit_gather_formula_bytes'])} | "
+                f"{_ratio(r['estimator_wire_bytes'][0] + r['lm_head_wire_bytes'][0], r['logit_gather_formula_bytes'])} | "
+                f"{r['body_calls'][0]}, {_bytes(r['body_wire_bytes'][0])} |"
+            )
+    return "\n".join(time_lines) + "\n\n" + "\n".join(byte_lines)
+
+
+def tp_main(args: argparse.Namespace) -> None:
+    start = time.perf_counter()
+    meta = dict(
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        deepspeed=_deepspeed_version(),
+        python=platform.python_version(),
+        cpu=cpu_model(),
+        cpu_count=os.cpu_count(),
+        platform=platform.platform(),
+        load_average_before=os.getloadavg(),
+        model_config=dict(MODEL_CONFIG, attn_implementation="sdpa", dtype="float32", weights="random"),
+        row_response_fractions=ROW_RESPONSE_FRACTIONS,
+        row_prompt_lengths=prompt_lengths(args.batch, args.prompt_len),
+        backend="gloo (DS_ACCELERATOR=cpu); DeepSpeed's AutoTP all-reduces may use its shared-memory kernel",
+        byte_formulas=dict(
+            payload="bytes of the tensor reduced, or of the gathered output",
+            wire_per_rank="ring: all-reduce 2 (p-1)/p * payload, all-gather (p-1)/p * payload",
+            logit_gather="LM-head rows of the call x vocab x 4 bytes (fp32) x (tp-1)/tp per rank",
+        ),
+    )
+    print(f"[bench_mi] --tp {args.tp}: torch {meta['torch']}, deepspeed {meta['deepspeed']}, {meta['cpu']}; "
+          f"lengths {args.lengths}", file=sys.stderr, flush=True)
+    rows: list[dict[str, Any]] = []
+
+    def save() -> None:
+        payload = dict(meta=meta, args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                       results=rows, wall_seconds=time.perf_counter() - start)
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="bench_mi_tp_") as tmp:
+        for length in args.lengths:
+            results = {}
+            for case in TP_CASES:
+                results[case] = _launch_case(args, case, length, Path(tmp) / f"{case}_{length}.json")
+            rows.extend(_tp_rows(args, length, results))
+            save()
+    meta["load_average_after"] = os.getloadavg()
+    save()
+
+    print(f"## bench_mi --tp {args.tp}: B={args.batch}, prompt ~{args.prompt_len}, P={args.postfix_len}, "
+          f"response rows {', '.join(str(f) for f in ROW_RESPONSE_FRACTIONS[: args.batch])} x L, "
+          f"answer_entropy(..., return_log_probs=True)\n")
+    print(f"torch {meta['torch']}, deepspeed {meta['deepspeed']}, transformers {meta['transformers']}, {meta['cpu']}, "
+          f"{meta['cpu_count']} CPUs\n")
+    print(tp_tables(rows))
+    print(
+        "\nBytes per rank and per warm estimator call, as a ring moves them (kB/MB = 1e3/1e6 B): all-reduce "
+        "2 (p-1)/p x payload, all-gather (p-1)/p x payload. Formula: LM-head rows of the same call x vocab x "
+        "4 B (fp32) x (tp-1)/tp. The estimator's own collectives: the batch fingerprint (all-gather) and, "
+        "with a vocab-parallel head, the max / sum-exp reductions of log-probs and entropies. peak MB: "
+        "resident-memory peak of the rank's first estimator call above its resident memory before it. "
+        "x TP1: slowest rank against tp1."
+    )
+    print(f"\nwall time {time.perf_counter() - start:.1f} s; JSON: {args.out}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -486,12 +1046,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--threads", type=int, default=None,
         help="torch.set_num_threads in the measuring processes (default: left at torch's default)")
     add("--seed", type=int, default=0)
-    add("--out", type=Path, default=Path("bench_mi.json"))
+    add("--out", type=Path, default=None, help="JSON output (default bench_mi.json, bench_mi_tp.json with --tp)")
+    add("--tp", type=int, default=1,
+        help="N >= 2: the tensor-parallel benchmark (AutoTP N ranks under torchrun against one process), "
+        f"lengths {TP_DEFAULT_LENGTHS} unless --lengths; --threads is then per rank (default 1)")
+    add("--tp-timeout", type=float, default=900.0, help="--tp: seconds allowed to each launch")
+    add("--tp-worker", action="store_true", help=argparse.SUPPRESS)
+    add("--tp-case", choices=TP_CASES, default=None, help=argparse.SUPPRESS)
+    add("--tp-part", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path("bench_mi_tp.json" if args.tp > 1 else "bench_mi.json")
     if args.lengths:
         args.lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    elif args.tp > 1:
+        args.lengths = list(TP_DEFAULT_LENGTHS)
     else:
         args.lengths = list(QUICK_LENGTHS if args.quick else FULL_LENGTHS)
+    if args.tp < 1 or (args.tp_worker and (args.tp_case is None or args.tp_part is None)):
+        parser.error("--tp must be >= 1; --tp-worker needs --tp-case and --tp-part")
     if args.naive_max_seconds is None:
         args.naive_max_seconds = 30.0 if args.quick else 60.0
     positive = [*args.lengths, args.batch, args.prompt_len, args.postfix_len, args.stride, args.threads or 1]
@@ -502,6 +1075,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.tp_worker:
+        tp_worker(args)
+        return
+    if args.tp > 1:
+        tp_main(args)
+        return
     start = time.perf_counter()
     load_before = os.getloadavg()
 
