@@ -26,10 +26,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 PROG = "iapo-slurm"
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "job.sbatch.template"
+# slurm/ sits beside the package in a checkout (pip install -e); a wheel install puts it under
+# <prefix>/share/iapo-openrlhf (setup.py data_files).
+TEMPLATE = next(
+    (p for p in (Path(__file__).resolve().parent.parent / "slurm" / "job.sbatch.template",
+                 Path(sys.prefix) / "share" / "iapo-openrlhf" / "slurm" / "job.sbatch.template") if p.is_file()),
+    Path(__file__).resolve().parent.parent / "slurm" / "job.sbatch.template",
+)
 DEFAULT_GPUS_PER_NODE = 8
 DEFAULT_RAY_TIMEOUT = 600
 SIGNAL_SECONDS = 120  # SIGTERM this long before the time limit (--signal=B:TERM@120)
@@ -59,27 +64,16 @@ class _Parser(argparse.ArgumentParser):
 
 def _read_config(path: str, sets: list[str], backend: str) -> tuple[str, dict[str, Any], str]:
     """Validate the config as the training will (load_config); (output.dir, cluster section, device)."""
+    import dataclasses
+
     from .config import ConfigError, load_config
 
-    import inspect
-
-    kwargs = {}
-    if "local_files" in inspect.signature(load_config).parameters:
-        # The Ray backend resolves model and data paths on the cluster (or as hub names).
-        kwargs["local_files"] = backend == "local"
     try:
-        cfg = load_config(path, sets, **kwargs)
+        # The Ray backend resolves model and data paths on the cluster (or as hub names).
+        cfg = load_config(path, sets, local_files=backend == "local")
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    cluster = getattr(cfg, "cluster", None)
-    if cluster is not None:
-        import dataclasses
-
-        return cfg.output.dir, dataclasses.asdict(cluster), cfg.device
-    with open(path, encoding="utf-8") as f:  # a config.py that does not know `cluster:` yet
-        raw = yaml.safe_load(f) or {}
-    section = raw.get("cluster") if isinstance(raw, dict) else None
-    return cfg.output.dir, dict(section) if isinstance(section, dict) else {}, cfg.device
+    return cfg.output.dir, dataclasses.asdict(cfg.cluster), cfg.device
 
 
 def _defaults(args: argparse.Namespace, cluster: dict[str, Any], device: str) -> tuple[int, int]:
