@@ -398,15 +398,11 @@ def warm_start_probe_trained(
     answer distribution after a truncated trace, i.e. the quantity the estimator reads. Same model
     size, optimizer, schedule and seeds as `warm_start`.
     """
-    import math
-
-    from iapo_openrlhf.tasks.warmstart import tiny_qwen2_config
+    from iapo_openrlhf.tasks.warmstart import sft_optimizer, tiny_qwen2_config, torch_threads
     from iapo_openrlhf.tasks.synthetic import build_tokenizer
     from transformers import Qwen2ForCausalLM
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
+    with torch_threads(num_threads):
         torch.manual_seed(seed)
         task = SyntheticTask(seed, redundancy=redundancy)
         tokenizer = build_tokenizer()
@@ -417,14 +413,7 @@ def warm_start_probe_trained(
         postfix = tokenizer(POSTFIX, add_special_tokens=False).input_ids
         end_answer = tokenizer(END_ANSWER, add_special_tokens=False).input_ids
         rng = random.Random(f"{seed}:warm_start_probe")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-
-        def schedule(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer, scheduler = sft_optimizer(model, lr=lr, warmup_steps=warmup_steps, steps=steps)
         for _ in range(steps):
             rows = []  # (ids, first labelled index, is a probe row)
             for k, i in enumerate(rng.sample(range(len(problems)), batch_size)):
@@ -462,8 +451,6 @@ def warm_start_probe_trained(
         out_dir = Path(out_dir)
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-    finally:
-        torch.set_num_threads(previous)
     return out_dir
 
 

@@ -84,7 +84,7 @@ def _batches(
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
+def torch_threads(n: int | None) -> Iterator[None]:
     previous = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)
@@ -92,6 +92,19 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def sft_optimizer(model: torch.nn.Module, *, lr: float, warmup_steps: int, steps: int):
+    """AdamW with linear warm-up then cosine decay to 0.1 x lr: the warm start's optimizer, shared
+    with the experimental warm starts in scripts/ so they differ from it only in their loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def warm_start(
@@ -119,7 +132,7 @@ def warm_start(
     an idle 2-core machine 2 threads were 1.35x faster, but with another process busy they were
     5-15x slower (measured), and this model is too small to gain much from more.
     """
-    with _torch_threads(num_threads):
+    with torch_threads(num_threads):
         torch.manual_seed(seed)
         task = task or SyntheticTask(seed)
         tokenizer = build_tokenizer()
@@ -128,14 +141,7 @@ def warm_start(
         problems = task.problems("train", n_train_problems)
         prompt_ids = tokenizer([p.prompt for p in problems], add_special_tokens=False).input_ids
         batches = _batches(task, problems, prompt_ids, tokenizer, random.Random(f"{seed}:warm_start"), batch_size)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-
-        def schedule(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, steps - warmup_steps)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        optimizer, scheduler = sft_optimizer(model, lr=lr, warmup_steps=warmup_steps, steps=steps)
         bar = tqdm(range(steps), desc="warm start", disable=not progress)
         for _ in bar:
             input_ids, attention_mask, labels = next(batches)
