@@ -127,6 +127,10 @@ def test_resume_continues_exactly(tmp_path):
         for key in x:
             if not key.startswith("time_"):
                 assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x["step"], key)
+    # a save interrupted by preemption leaves step_N.tmp: resume ignores it
+    import shutil
+
+    shutil.copytree(part / "checkpoints" / "step_3", part / "checkpoints" / "step_4.tmp")
     # resuming a finished run (a requeued SLURM job) trains nothing and reports the logged table
     assert _train(part, "train.steps=3", *common, resume=True) == 0
     assert [s["step"] for s in _steps(part / "metrics.jsonl")] == [1, 2, 3]

@@ -313,8 +313,9 @@ class LocalTrainer:
 
     def _latest_checkpoint(self) -> Path | None:
         root = self.out / CHECKPOINTS
-        steps = sorted(int(p.name.split("_")[1]) for p in root.glob("step_*") if (p / "trainer_state.pt").exists()) \
-            if root.exists() else []
+        # step_N only: a save interrupted by SIGTERM (preemption) leaves a step_N.tmp behind
+        steps = sorted(int(p.name[5:]) for p in root.glob("step_*")
+                       if p.name[5:].isdigit() and (p / "trainer_state.pt").exists()) if root.exists() else []
         return root / f"step_{steps[-1]}" if steps else None
 
     def save_checkpoint(self) -> Path:
