@@ -683,8 +683,11 @@ def node_ip(argv: list[str]) -> int:
     how = f"interface {args.ifname}" if args.ifname else f"interface {interface or '?'}, the route to {towards}"
     print(f"{PROG} node-ip: node {node}: Ray address {ip} ({how})", flush=True)
     command = [*args.command, f"--node-ip-address={ip}"]
+    # vLLM's processes find their node's address in VLLM_HOST_IP, else by a route to 8.8.8.8
+    # (another interface, or none on nodes without a default route): the Ray address, per node.
+    env = {**os.environ, "VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP") or ip}
     try:
-        os.execvp(command[0], command)
+        os.execvpe(command[0], command, env)
     except OSError as e:
         raise UsageError(f"--exec {command[0]}: {e.strerror}") from None
     return 1  # not reached
@@ -726,6 +729,7 @@ def _probe_node(names: list[str], models: list[str]) -> dict[str, Any]:
         "ip": ip,
         "interface": next((n for n, a in addresses.items() if a == ip), None),
         "env": {name: os.environ.get(name) for name in names},
+        "vllm_host_ip": os.environ.get("VLLM_HOST_IP"),
         "models": found,
         "pid": os.getpid(),
     }
@@ -804,6 +808,8 @@ def probe(argv: list[str]) -> int:
                                              if wrong else f"all {len(names)} job variables as set"))
             if args.ifname and f["interface"] != args.ifname:
                 problems.append(f"node {f['node']}: Ray address {f['ip']} is on {f['interface']}, expected {args.ifname}")
+            if f["vllm_host_ip"] != f["ip"]:
+                problems.append(f"node {f['node']}: VLLM_HOST_IP is {f['vllm_host_ip']}, expected the Ray address {f['ip']}")
             for model, state in f["models"].items():
                 checks.append(f"model {model}: {state}")
                 if state != "ok" and not (args.online and state.startswith("not in the cache")):

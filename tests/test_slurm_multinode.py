@@ -140,6 +140,7 @@ def _check_preflight(job: dict, net, subnet: int, interface: str) -> list[dict]:
     assert [(n["node"], n["ip"], n["interface"]) for n in nodes] == [
         ("iapon0", want[0], interface), ("iapon1", want[1], interface)]
     for n in nodes:  # what every Ray actor saw: the job's environment, the model in the shared cache
+        assert n["vllm_host_ip"] == n["ip"]  # per node: vLLM's processes use the Ray address
         assert n["env"]["IAPO_TEST_MARK"] == "from --env"
         assert n["env"]["HF_HUB_OFFLINE"] == "1" and n["env"]["HF_HOME"].endswith("hf-cache")
         assert n["models"] == {MODEL: "ok"}
