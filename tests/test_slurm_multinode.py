@@ -67,7 +67,7 @@ def cluster(tmp_path_factory):
             with slurm_cluster(base / "slurm", nodes, ctld_addr=net.host_addr) as c:
                 c.env["IAPO_RAY_TMPDIR"] = str(ray_root)
                 yield {"cluster": c, "net": net, "base": base, "ray_root": ray_root}
-    finally:
+    finally:  # (IAPO_KEEP_RAY_DIRS=1 keeps the nodes' Ray session logs, for a failure's post-mortem)
         for path in ([] if os.environ.get("IAPO_KEEP_RAY_DIRS") else ray_root.parent.glob(ray_root.name + "*")):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -128,7 +128,7 @@ def _check_preflight(job: dict, net, subnet: int, interface: str) -> list[dict]:
     assert job["code"] == 0, _describe(job)
     want = [net.addr(k, subnet) for k in range(2)]
     log = job["log"]
-    assert f"Ray cluster ready after" in log and f"node addresses {want[0]}, {want[1]}" in log, _describe(job)
+    assert "Ray cluster ready after" in log and f"node addresses {want[0]}, {want[1]}" in log, _describe(job)
     assert f"starting the Ray head on iapon0 at {want[0]} (interface {interface};" in log, _describe(job)
     assert "phase 3/4: preflight: " in log and "preflight finished (exit code 0)" in log
     assert "probe: passed: 2 node(s)" in log
