@@ -419,17 +419,18 @@ def test_dry_run_of_every_method(method, capsys):
         assert "alpha 0.5, beta 0.1" in line
 
 
-CONFIG = Path(__file__).parent.parent / "configs" / "qwen2.5-0.5b_gsm8k.yaml"
+CLUSTER_CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("qwen2.5-*.yaml"))
 
 
+@pytest.mark.parametrize("config", CLUSTER_CONFIGS, ids=lambda p: p.stem)
 @pytest.mark.parametrize("method", list(METHODS))
-def test_yaml_method_reaches_openrlhfs_parser(method, monkeypatch):
+def test_yaml_method_reaches_openrlhfs_parser(method, config, monkeypatch):
     monkeypatch.delenv(launch.SCHEME_ENV, raising=False)
     sets = {"gfpo": ["gfpo.keep=4", "gfpo.metric=reward_per_token"], "gtpo": ["gtpo.level=sequence"],
             "sgrpo": ["sgrpo.keep_prob=0.4"], "significance": ["significance.selection=threshold",
                                                                "significance.threshold=0.02"],
             "ib": ["ib.coef=0.01"], "iapo": ["iapo.shaping_norm=l2"]}.get(method, [])
-    argv = ["--config", str(CONFIG), "--set", f"method={method}"]
+    argv = ["--config", str(config), "--set", f"method={method}"]
     for item in sets:
         argv += ["--set", item]
     args = launch.parse_args(launch.expand_config(argv + ["--dry-run"]))
@@ -440,7 +441,7 @@ def test_yaml_method_reaches_openrlhfs_parser(method, monkeypatch):
         key, value = item.split("=")
         section, knob = key.split(".")
         assert str(getattr(getattr(cfg, section), knob)) == value
-    assert args.train.batch_size == 128 * (4 if method == "gfpo" else 8)
+    assert args.train.batch_size == args.rollout.batch_size * (4 if method == "gfpo" else 8)
     assert (args.iapo.alpha, args.iapo.beta) == ((0.5, 0.1) if method == "iapo" else (0.0, 0.0))
     assert (args.actor.entropy_coef == 0.0) == (method == "ib")
 

@@ -79,7 +79,7 @@ class IAPOExperienceMaker(RemoteExperienceMaker):
         self.total_steps: int | None = None
         self._actor_extras: list[dict] | None = None
         self._warned_no_scores = False
-        self._sgrpo_generator = torch.Generator().manual_seed(int(getattr(self.args.train, "seed", 0) or 0))
+        self._seed = int(getattr(self.args.train, "seed", 0) or 0)
 
     # ── GFPO: keep k of each prompt's G samples, before anything is computed on them ──
 
@@ -244,10 +244,12 @@ class IAPOExperienceMaker(RemoteExperienceMaker):
     def _sgrpo_masks(self, experiences: List[Experience]) -> None:
         """S-GRPO: the action mask becomes the token subset the loss is computed over."""
         sgrpo = resolved_section(self.methods, "sgrpo")
+        # seeded by (seed, step): the same subsets when a run resumes from a checkpoint
+        generator = torch.Generator().manual_seed(self._seed + 1_000_003 * self.global_step)
         for experience in experiences:
             full = experience.action_mask
             kept = sgrpo_token_mask(full, keep_first=sgrpo.keep_first, keep_prob=sgrpo.keep_prob,
-                                    generator=self._sgrpo_generator)
+                                    generator=generator)
             experience.info[PREFIX + "sgrpo_kept_frac"] = kept.sum(-1) / full.bool().sum(-1).clamp(min=1)
             experience.action_mask = kept.to(full.dtype)
 
