@@ -185,7 +185,34 @@ def test_gfpo_needs_whole_groups_and_rewards():
         maker.gfpo_filter(samples)
 
 
-# ── significance, GTPO, S-GRPO: advantages of the core functions ──
+# ── GRPO-based methods, IAPO's shaping norms, significance, GTPO, S-GRPO: the core functions ──
+
+
+@pytest.mark.parametrize("method", ["grpo", "dapo", "ib"])
+def test_methods_on_grpos_advantages_are_openrlhfs_bit_for_bit(method):
+    # --iapo.alpha / --iapo.beta keep their defaults (0.5, 0.1): only method iapo uses them
+    args = _method_args(method)
+    stock = _maker(RemoteExperienceMaker, args).compute_advantages_and_returns(_experiences(11))
+    ours = _maker(IAPOExperienceMaker, args).compute_advantages_and_returns(_experiences(11))
+    for a, b in zip(ours, stock):
+        assert torch.equal(a.advantages, b.advantages) and torch.equal(a.action_mask, b.action_mask)
+
+
+@pytest.mark.parametrize("norm", ["zscore", "l2", "authors"])
+def test_iapo_shaping_norm_matches_the_core(norm):
+    from iapo_openrlhf.core.advantages import iapo_advantages
+
+    args = _method_args("iapo", "--iapo.alpha", "0.7", "--iapo.beta", "0.3", "--iapo.shaping_norm", norm)
+    experiences = _experiences(12)
+    mi = _in_rollout_order(experiences, lambda e: e.info["iapo/mi"])
+    mask = _in_rollout_order(experiences, "action_mask").bool()
+    pi_old = _in_rollout_order(experiences, "action_log_probs").exp() * mask
+    rewards = _scalars(experiences, lambda e: e.rewards)
+    correct = _scalars(experiences, lambda e: e.scores) > 0
+    expected = iapo_advantages(rewards, mi, pi_old, mask, group_size=G, alpha=0.7, beta=0.3, correct=correct,
+                               shaping_norm=norm)
+    got = _in_rollout_order(_maker(IAPOExperienceMaker, args).compute_advantages_and_returns(experiences), "advantages")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # OpenRLHF's group std eps 1e-9, ours 1e-6
 
 
 def test_significance_reward_is_added_before_openrlhfs_baseline():
@@ -460,3 +487,16 @@ def test_two_steps_through_iapo_train_ray_cpu(method):
     iapo/ib_term (ib), iapo/length_reward and iapo/significance_phase (significance),
     iapo/mi_mean (iapo)."""
     raise NotImplementedError(CPU_PIPELINE)
+
+
+def test_help_lists_the_method_options():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "iapo_openrlhf.openrlhf.launch", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for option in ("--iapo.method", "--iapo.shaping_norm", "--gfpo.keep", "--gfpo.metric", "--gtpo.level",
+                   "--gtpo.entropy_weight", "--sgrpo.keep_first", "--sgrpo.keep_prob", "--ib.coef",
+                   "--significance.selection", "--significance.switch"):
+        assert option in out.stdout, option
