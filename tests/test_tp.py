@@ -143,3 +143,39 @@ def _mismatch(rank: int, world: int) -> None:
 
 def test_tp_batch_mismatch_is_an_error_not_a_hang():
     run_distributed(_mismatch, 2, 120.0)
+
+
+def _one_rank_fails(rank: int, world: int) -> None:
+    import time
+
+    from iapo_openrlhf.core.mi import answer_entropy
+    from iapo_openrlhf.core.parallel import EstimatorSession
+
+    engine = _engine(_model(False), 0, 2, None)
+    seq, att, act = _batch(rank, same_data=True)
+    if rank == 1:
+        def out_of_memory(self, **kwargs):
+            raise RuntimeError("CUDA out of memory (simulated on rank 1)")
+
+        EstimatorSession.forward = out_of_memory  # this process only: its preload forward fails
+        with pytest.raises(RuntimeError, match="simulated on rank 1"):
+            answer_entropy(engine, seq, att, act, POSTFIX)
+        time.sleep(120)  # alive, as a Ray actor whose method raised: its process group lives on
+        return
+    answer_entropy(engine, seq, att, act, POSTFIX)  # waits in the first layer's all-reduce
+    raise AssertionError("rank 0's estimator call returned although rank 1 never joined its collectives")
+
+
+def test_a_rank_failing_inside_the_estimator_ends_the_others_within_seconds(capfd):
+    """Without the peer-failure watch rank 0 would wait in its collective for the process group's
+    timeout (30 min for gloo, 60 min in OpenRLHF); with it, rank 0 logs rank 1's error and ends."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="process 0 terminated with exit code 1"):
+        run_distributed(_one_rank_fails, 2, 110.0)
+    elapsed = time.monotonic() - t0
+    err = capfd.readouterr().err
+    assert "[rank 0] IAPO estimator: rank 1 failed inside the estimator: RuntimeError: CUDA out of memory " \
+           "(simulated on rank 1); aborting this rank" in err, err[-3000:]
+    assert elapsed < 100, elapsed  # rank 1 sleeps 120 s: rank 0 ended on its own

@@ -32,6 +32,7 @@ from transformers.cache_utils import DynamicCache
 from .chunked import chunked_entropies, default_chunk_tokens
 from .modeling import additive_mask, check_no_sliding_window, param_dtype, sdpa_attention, text_config, uses_flash_attention
 from .parallel import EstimatorSession
+from .peer_failure import fail_together
 from .probe_cache import ProbeCache
 from .probes import Probes, action_spans, interpolate, span_probes
 from .references import kv_copy_entropies, naive_entropies
@@ -92,6 +93,7 @@ class _Layout:
     logits_to_keep: int | torch.Tensor
 
 
+@fail_together()
 def answer_entropy(
     model,
     sequences: torch.Tensor,
