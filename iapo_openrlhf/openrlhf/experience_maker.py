@@ -14,6 +14,8 @@ replay buffer's metric merging.
 
 from __future__ import annotations
 
+import copy
+import os
 from typing import List
 
 import torch
@@ -28,6 +30,10 @@ logger = init_logger(__name__)
 
 TOKEN_KEYS = ("mi", "next_token_entropy")  # (B, A) per-token fields from the actor
 PREFIX = "iapo/"
+# Debugging aid (and the end-to-end test's source of real experiences): a directory where every
+# rollout's experiences are saved as OpenRLHF's loop hands them to the advantage computation
+# (`rollout_<k>_experiences.pt`) and the advantages this maker returns (`rollout_<k>_advantages.pt`).
+DUMP_ENV = "IAPO_DUMP_EXPERIENCES"
 
 
 class IAPOExperienceMaker(RemoteExperienceMaker):
@@ -36,6 +42,7 @@ class IAPOExperienceMaker(RemoteExperienceMaker):
         self.iapo = iapo_config_from_args(self.args)
         self._actor_extras: list[dict] | None = None
         self._warned_no_scores = False
+        self._rollouts = 0
 
     def _flatten_results(self, refs, duplicate_factor):
         """Split the IAPO actor's dict results into the log-probs OpenRLHF expects and extras."""
@@ -57,6 +64,17 @@ class IAPOExperienceMaker(RemoteExperienceMaker):
 
     @torch.no_grad()
     def compute_advantages_and_returns(self, experiences: List[Experience]) -> List[Experience]:
+        self._rollouts += 1
+        dump = os.environ.get(DUMP_ENV)
+        if dump:
+            os.makedirs(dump, exist_ok=True)
+            torch.save(copy.deepcopy(experiences), os.path.join(dump, f"rollout_{self._rollouts}_experiences.pt"))
+        experiences = self._shaped_advantages(experiences)
+        if dump:
+            torch.save([e.advantages for e in experiences], os.path.join(dump, f"rollout_{self._rollouts}_advantages.pt"))
+        return experiences
+
+    def _shaped_advantages(self, experiences: List[Experience]) -> List[Experience]:
         per_token = [{k: e.info.pop(PREFIX + k, None) for k in TOKEN_KEYS} for e in experiences]
         experiences = super().compute_advantages_and_returns(experiences)
         cfg = self.iapo
