@@ -1,10 +1,13 @@
 """The IAPO policy actor's forward on OpenRLHF's `Actor` over DeepSpeed engines on CPU.
 
-`iapo_forward` must give (1) the log-probs OpenRLHF's own `Actor.forward` gives on the same engine
-(pi_old, temperature-scaled) and (2) the MI of the core estimator on a plain copy of the weights,
-on ZeRO 0 (in process), ZeRO 3 with a different batch per rank and AutoTP 2 (2 spawned gloo
-processes, as torchrun would start them), padded and packed. The Ray actor class is driven
-without Ray.
+Every batch is made by OpenRLHF's own code (`openrlhf_batches`: its agent executors, its samples
+generator, `Experience.concat_experiences`): one unpadded rollout per row, right-padded, action
+mask `mask[1:]` of width S - 1, single- and multi-turn. `iapo_forward` must give (1) the log-probs
+OpenRLHF's own `Actor.forward` gives on the same engine and batch (pi_old, temperature-scaled),
+column for column, and (2) the MI of the naive one-forward-per-prefix reference on a plain copy of
+the weights at every action column and exactly 0 elsewhere; on ZeRO 0 (in process), ZeRO 3 with a
+different batch per rank and AutoTP 2 (2 spawned gloo processes, as torchrun would start them),
+padded and packed. The Ray actor class is driven without Ray.
 
 Notes on OpenRLHF 0.11 used below:
 - `Actor(model_instance, ...)` stores the model and the temperature only: `packing_samples` is set on
@@ -46,9 +49,9 @@ from iapo_openrlhf.openrlhf.actor import (  # noqa: E402
     unwrap_ray_class,
 )
 
-from conftest import padded_batch  # noqa: E402
-from distributed import run_distributed  # noqa: E402
-from test_tp import POSTFIX, _batch, _engine, _model  # noqa: E402
+from distributed import deepspeed_0198_overlay, run_distributed  # noqa: E402
+from openrlhf_batches import VOCAB, micro_batch  # noqa: E402
+from test_tp import POSTFIX, _engine, _model  # noqa: E402
 
 T = 0.7  # the actor's sampling temperature: log-probs and entropies are of logits / T
 ATOL = 1e-5
@@ -69,8 +72,9 @@ VARIANTS = {
 
 
 def _tiny(tied: bool = False):
-    """test_tp's model, with the cache off as OpenRLHF's Actor sets it (see the module notes)."""
-    model = _model(tied)
+    """test_tp's model over the batches' vocabulary, with the cache off as OpenRLHF's Actor sets
+    it (see the module notes)."""
+    model = _model(tied, vocab=VOCAB)
     model.config.use_cache = False
     return model
 
@@ -87,18 +91,20 @@ def _openrlhf_log_probs(actor: Actor, seq, act, att) -> torch.Tensor:
 
 
 def _expected(plain, seq, att, act, cfg: IapoConfig) -> dict[str, torch.Tensor]:
-    """What iapo_forward must return, from OpenRLHF's Actor and the core estimator on a plain model."""
+    """What iapo_forward must return: OpenRLHF's Actor.forward for pi_old, the naive reference
+    (one forward per prefix) for the answer entropies, on a plain copy of the weights."""
     valid = act.bool()
     out = {"action_log_probs": _openrlhf_log_probs(_actor(plain), seq, act, att)}
-    common = dict(temperature=T)  # automatic chunk size, whatever cfg.chunk_tokens says
+    common = dict(temperature=T)
     if cfg.alpha:
         if cfg.predict_mode == "postfix":
-            h = answer_entropy(plain, seq, att, act, POSTFIX, probe_stride=cfg.probe_stride, **common)
+            h = answer_entropy(plain, seq, att, act, POSTFIX, probe_stride=cfg.probe_stride, method="naive", **common)
         else:
             h = answer_entropy(plain, seq, att, act, None, predict_mode="next_token", **common)
         out["mi"] = token_mi(h, valid, smoothing=cfg.mi_smoothing, horizon=cfg.mi_horizon, decay=cfg.mi_decay)
-        out["answer_entropy_first"] = h[:, 0]
-        out["answer_entropy_last"] = h[torch.arange(len(h)), valid.sum(-1)]
+        cols = [row.nonzero().flatten() for row in valid]
+        out["answer_entropy_first"] = torch.stack([h[i, c[0]] for i, c in enumerate(cols)])
+        out["answer_entropy_last"] = torch.stack([h[i, c[-1] + 1] for i, c in enumerate(cols)])
     if cfg.beta and cfg.exploration == "entropy":
         h_next = answer_entropy(plain, seq, att, act, None, predict_mode="next_token", **common)
         out["next_token_entropy"] = torch.where(valid, h_next[:, :-1], 0.0)
@@ -151,9 +157,9 @@ def zero0():
         plain = copy.deepcopy(model)  # the reference: same weights, no engine
         engine = _engine(model, 0, 1, None)
         assert isinstance(engine, deepspeed.DeepSpeedEngine) and engine.zero_optimization_stage() == 0
-        batch = padded_batch([4, 1, 9, 6], [7, 1, 3, 5], seed=4)  # one response fills the width
-        seq, att, act = batch[0], batch[1], batch[2].bool()  # OpenRLHF: long attention, bool action mask
-        yield SimpleNamespace(engine=engine, plain=plain, seq=seq, att=att, act=act)
+        seq, att, act = micro_batch([7, 1, 3, 5])  # one prompt fills the width: no padding in that row
+        multi = micro_batch([4, 3, 2], multi_turn=True, seed=7)  # two action spans per row
+        yield SimpleNamespace(engine=engine, plain=plain, seq=seq, att=att, act=act, multi=multi)
     finally:
         if init_file is not None:
             dist.destroy_process_group()
@@ -217,20 +223,42 @@ def test_zero0_packed_matches_padded(zero0, variant):
     cfg, _ = VARIANTS[variant]
     z = zero0
     padded = iapo_forward(_actor(z.engine), z.seq, z.act, z.att, cfg, POSTFIX)
-    packed = iapo_forward(_actor(z.engine), z.seq, z.act, z.att, cfg, POSTFIX, packing=True)
+    packed = iapo_forward(_actor(z.engine, packing=True), z.seq, z.act, z.att, cfg, POSTFIX)
     _assert_matches(packed, padded, z.act)
+    _assert_matches(packed, _expected(z.plain, z.seq, z.att, z.act, cfg), z.act)
 
 
 def test_zero0_packed_log_probs_match_openrlhf_packed_forward(zero0):
     """OpenRLHF's packing_samples forward (unpad via the flash_attn stand-in, one row, sdpa with
-    the per-sample mask from position ids) gives the same pi_old as the padded one and as ours."""
+    the per-sample mask from position ids) gives the same pi_old as the padded one and as ours,
+    column for column (response token j of a row at column prompt_len - 1 + j)."""
     z = zero0
     openrlhf_packed = _openrlhf_log_probs(_actor(z.engine, packing=True), z.seq, z.act, z.att)
     openrlhf_padded = _openrlhf_log_probs(_actor(z.engine), z.seq, z.act, z.att)
     torch.testing.assert_close(openrlhf_packed, openrlhf_padded, atol=ATOL, rtol=0)
-    ours = iapo_forward(_actor(z.engine, packing=True), z.seq, z.act, z.att, VARIANTS["postfix"][0], POSTFIX,
-                        packing=True)
+    ours = iapo_forward(_actor(z.engine, packing=True), z.seq, z.act, z.att, VARIANTS["postfix"][0], POSTFIX)
     torch.testing.assert_close(ours["action_log_probs"], openrlhf_packed, atol=ATOL, rtol=0)
+    assert (openrlhf_packed[z.act.bool()] != 0).all() and (ours["action_log_probs"][~z.act.bool()] == 0).all()
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("variant", ["postfix+entropy", "stride+official+horizon"])
+def test_zero0_multi_turn_rollouts(zero0, variant, packing):
+    """MultiTurnAgentExecutor rollouts (action, observation, action): a probe after every action
+    token, observation tokens get 0 MI, log-probs as OpenRLHF's on both turns."""
+    cfg, _ = VARIANTS[variant]
+    z = zero0
+    seq, att, act = z.multi
+    spans = [int(((row[1:] != row[:-1]) & row[1:].bool()).sum() + row[0]) for row in act]
+    assert spans == [2, 2, 2]
+    got = iapo_forward(_actor(z.engine, packing=packing), seq, act, att, cfg, POSTFIX)
+    _assert_matches(got, _expected(z.plain, seq, att, act, cfg), act)
+    observation = torch.zeros_like(act, dtype=torch.bool)
+    for i, row in enumerate(act.bool()):
+        cols = row.nonzero().flatten()
+        observation[i, cols[0] : cols[-1]] = ~row[cols[0] : cols[-1]]
+    assert observation.any() and (got["mi"][observation] == 0).all()
+    assert (got["mi"][act.bool()] != 0).sum() > act.sum() // 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +274,7 @@ def test_policy_actor_forward_returns_iapo_forward(zero0, packing):
     obj = _policy_actor(actor, cfg, packing=packing)
     got = obj.forward(z.seq, z.act, z.att)
     assert isinstance(got, dict)
-    want = iapo_forward(actor, z.seq, z.act, z.att, cfg, POSTFIX, packing=packing)
+    want = iapo_forward(actor, z.seq, z.act, z.att, cfg, POSTFIX)
     _assert_matches(got, want, z.act, atol=0)
     _assert_matches(got, _expected(z.plain, z.seq, z.att, z.act, cfg), z.act)
     with pytest.raises(ValueError, match="text-only"):
@@ -312,8 +340,7 @@ def test_is_group_leader_without_torch_distributed(monkeypatch):
 def test_cuda_inputs():
     model = _tiny()
     cfg = VARIANTS["postfix+entropy"][0]
-    seq, att, act = padded_batch([4, 1, 9, 6], [7, 1, 3, 5], seed=4)
-    act = act.bool()
+    seq, att, act = micro_batch([7, 1, 3, 5])
     want = iapo_forward(_actor(model), seq, act, att, cfg, POSTFIX)
     gpu = _actor(copy.deepcopy(model).cuda())
     got = iapo_forward(gpu, seq.cuda(), act.cuda(), att.cuda(), cfg, POSTFIX)
@@ -328,9 +355,9 @@ def test_cuda_inputs():
 def _zero3_rank(rank: int, world: int) -> None:
     model = _tiny()
     plain = copy.deepcopy(model)
-    seq, att, act = _batch(rank, same_data=False)  # rank 0: 3 rows, rank 1: 2 rows of other widths
-    act = act.bool()
-    # 12 probe tokens a forward: rank 0 runs 6 probe forwards, rank 1 runs 5 and one empty one
+    # a different batch per rank (data parallel): rank 0 3 rows, rank 1 2 rows of other lengths
+    seq, att, act = micro_batch([4, 1, 6] if rank == 0 else [9, 2], seed=11 + rank)
+    # 12 probe tokens a forward: rank 0 runs 7 probe forwards (3 rows), rank 1 runs 5 and two empty ones
     cfgs = [IapoConfig(alpha=0.5, beta=0.1, exploration="entropy", chunk_tokens=12), VARIANTS["next_token"][0]]
     want = [_expected(plain, seq, att, act, cfg) for cfg in cfgs]
     engine = _engine(model, 3, 1, None)
@@ -341,11 +368,13 @@ def _zero3_rank(rank: int, world: int) -> None:
         got = iapo_forward(actor, seq, act, att, cfg, POSTFIX)
         assert actor.training
         _assert_matches(got, expected, act)
-        _assert_matches(iapo_forward(actor, seq, act, att, cfg, POSTFIX, packing=True), expected, act)
+        # packed: other attention shapes, other fp32 summation order (1.6e-5 seen at a log-prob of -5.7)
+        _assert_matches(iapo_forward(_actor(engine, packing=True), seq, act, att, cfg, POSTFIX), expected, act,
+                        rtol=TP_RTOL)
     torch.testing.assert_close(got["action_log_probs"], _openrlhf_log_probs(actor, seq, act, att), atol=ATOL, rtol=0)
     packed_actor = _actor(engine, packing=True)
     torch.testing.assert_close(got["action_log_probs"], _openrlhf_log_probs(packed_actor, seq, act, att),
-                               atol=ATOL, rtol=0)
+                               atol=ATOL, rtol=TP_RTOL)  # OpenRLHF's packed vs padded: fp32 order
     # data parallel only: every rank's results are kept
     assert is_group_leader(_strategy(tp=1))
     result = _policy_actor(actor, cfgs[0]).forward(seq, act, att)
@@ -356,19 +385,20 @@ def test_zero3_uneven_batches_match_single_process():
     run_distributed(_zero3_rank, 2, 300.0)
 
 
-def _autotp_rank(rank: int, world: int) -> None:
+def _autotp_rank(rank: int, world: int, ds0198: bool) -> None:
+    assert (deepspeed.__version__ == "0.19.8") == ds0198, deepspeed.__version__
     cfg = VARIANTS["postfix+entropy"][0]
     strategy = dict(tp=2)
     assert is_group_leader(_strategy(**strategy)) == (rank == 0)
-    for tied in (False, True):  # replicated LM head; tied embeddings -> vocab-parallel head
+    for tied in (False, True):  # replicated LM head; tied embeddings (vocab-parallel on DeepSpeed 0.19.8)
         model = _tiny(tied)
         plain = copy.deepcopy(model)
-        seq, att, act = _batch(rank, same_data=True)  # a TP group shares its batch
-        act = act.bool()
+        seq, att, act = micro_batch([4, 1, 6], seed=11)  # a TP group shares its batch
         want = _expected(plain, seq, att, act, cfg)
         engine = _engine(model, 0, 2, None)
         layout = parallel_layout(engine)
-        assert layout.tp_size == 2 and layout.vocab_parallel == tied, layout
+        vocab_parallel = tied and ds0198
+        assert layout.tp_size == 2 and layout.vocab_parallel == vocab_parallel, layout
         actor = _actor(engine)
         actor.train()
         got = iapo_forward(actor, seq, act, att, cfg, POSTFIX)
@@ -376,8 +406,9 @@ def _autotp_rank(rank: int, world: int) -> None:
         # TP splits the reductions of every layer: agreement to fp32 relative precision (log-probs
         # reach -15 here, where 1 ulp is 1e-6)
         _assert_matches(got, want, act, rtol=TP_RTOL)
-        _assert_matches(iapo_forward(actor, seq, act, att, cfg, POSTFIX, packing=True), want, act, rtol=TP_RTOL)
-        if not tied:  # full-vocabulary logits: OpenRLHF's own forward applies on the same engine
+        _assert_matches(iapo_forward(_actor(engine, packing=True), seq, act, att, cfg, POSTFIX), want, act,
+                        rtol=TP_RTOL)
+        if not vocab_parallel:  # full-vocabulary logits: OpenRLHF's own forward applies on the same engine
             torch.testing.assert_close(got["action_log_probs"], _openrlhf_log_probs(actor, seq, act, att),
                                        atol=ATOL, rtol=0)
         # (tied: the head returns this rank's half of the vocabulary, OpenRLHF's log_probs_from_logits
@@ -390,4 +421,8 @@ def _autotp_rank(rank: int, world: int) -> None:
 
 
 def test_autotp2_matches_single_process():
-    run_distributed(_autotp_rank, 2, 300.0)
+    run_distributed(_autotp_rank, 2, 300.0, False)
+
+
+def test_autotp2_vocab_parallel_head_deepspeed_0198():
+    run_distributed(_autotp_rank, 2, 300.0, True, pythonpath=deepspeed_0198_overlay())

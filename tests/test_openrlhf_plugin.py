@@ -29,6 +29,8 @@ from iapo_openrlhf.core.advantages import iapo_advantages  # noqa: E402
 from iapo_openrlhf.openrlhf import launch  # noqa: E402
 from iapo_openrlhf.openrlhf.experience_maker import IAPOExperienceMaker  # noqa: E402
 
+import openrlhf_batches  # noqa: E402
+
 G = 4  # samples per prompt
 
 
@@ -43,34 +45,31 @@ def _args(*extra: str) -> SimpleNamespace:
 
 
 def _experiences(seed: int = 0, with_kl: bool = False) -> list[Experience]:
-    """Two micro-batches of 4 completions each (2 prompts x G=4), in a shuffled rollout order as
-    OpenRLHF's dynamic batching leaves them (`index` maps each row to its rollout position)."""
+    """Two micro-batches of 4 completions each (2 prompts x G=4), made by OpenRLHF's own rollout
+    code (`openrlhf_batches`: executor, samples generator, `concat_experiences`: right-padded rows,
+    action_mask = mask[1:]), in a shuffled rollout order as OpenRLHF's dynamic batching leaves them
+    (`index` maps each row to its rollout position). Rewards, scores, log-probs, KL and the actor's
+    MI are filled in as the reward function and the actor would."""
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(2 * G, generator=gen).tolist()
-    experiences = []
-    for part in (order[:4], order[4:]):
-        lengths = torch.randint(1, 7, (4,), generator=gen)
-        width = int(lengths.max()) + 1
-        action_mask = torch.arange(width).unsqueeze(0) < lengths.unsqueeze(-1)
-        prompt = torch.ones(4, 3, dtype=torch.long)
-        log_probs = -torch.rand(4, width, generator=gen) * 3 * action_mask
-        correct = torch.rand(4, generator=gen) > 0.5
-        rewards = torch.where(correct, 1.0, -1.0) + torch.where(torch.rand(4, generator=gen) > 0.3, 0.5, -0.5)
-        exp = Experience(
-            sequences=torch.cat([prompt, torch.randint(5, 50, (4, width), generator=gen)], dim=1),
-            attention_mask=torch.cat([prompt, action_mask.long()], dim=1),
-            action_mask=action_mask,
-            action_log_probs=log_probs,
-            kl=(torch.rand(4, width, generator=gen) * 0.1 * action_mask) if with_kl else torch.zeros(4, width),
-            rewards=rewards,
-            scores=correct.float(),
-            response_length=lengths.float(),
-            total_length=(lengths + 3).float(),
-            index=part,
-            info={"reward": rewards.clone(), "iapo/mi": torch.randn(4, width, generator=gen) * action_mask},
-        )
-        experiences.append(exp)
-    return experiences
+    micro_batches = []
+    for k, part in enumerate((order[:4], order[4:])):
+        lengths = torch.randint(1, 7, (4,), generator=gen).tolist()
+        singles = openrlhf_batches.experiences(lengths, seed=seed * 10 + k)
+        for single in singles:
+            correct = bool(torch.rand(1, generator=gen) > 0.5)
+            reward = (1.0 if correct else -1.0) + (0.5 if torch.rand(1, generator=gen) > 0.3 else -0.5)
+            single.rewards, single.scores = torch.tensor([reward]), torch.tensor([float(correct)])
+            single.info["reward"] = single.rewards.clone()
+        exp = Experience.concat_experiences(singles, openrlhf_batches.TOKENIZER.pad_token_id)
+        mask = exp.action_mask.bool()
+        width = mask.shape[1]
+        exp.index = part
+        exp.action_log_probs = -torch.rand(4, width, generator=gen) * 3 * mask
+        exp.kl = (torch.rand(4, width, generator=gen) * 0.1 * mask) if with_kl else torch.zeros(4, width)
+        exp.info["iapo/mi"] = torch.randn(4, width, generator=gen) * mask
+        micro_batches.append(exp)
+    return micro_batches
 
 
 def _maker(cls, args):
@@ -111,11 +110,14 @@ def test_nonzero_weights_match_iapo_advantages():
     correct = _in_rollout_order(experiences, lambda e: e.scores.unsqueeze(-1)).squeeze(-1) > 0
     expected = iapo_advantages(rewards, mi, pi_old, mask, group_size=G, alpha=0.7, beta=0.3, correct=correct)
 
+    stock = _maker(RemoteExperienceMaker, args).compute_advantages_and_returns(copy.deepcopy(experiences))
     ours = _maker(IAPOExperienceMaker, args).compute_advantages_and_returns(experiences)
     got = _in_rollout_order(ours, "advantages")
     # OpenRLHF's group_norm divides by std + 1e-9, iapo_advantages by std + 1e-6.
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    assert (got[~mask] == 0).all()
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=1e-5)
+    # Off the actions (the prompt columns of 0.11's full-width mask, padding) OpenRLHF's cumulative
+    # returns leave nonzero advantages that its loss masks out; the shaping adds exactly nothing there.
+    assert torch.equal(got[~mask], _in_rollout_order(stock, "advantages")[~mask])
     for e in ours:
         assert e.info["iapo/mi_mean"].shape == (4,) and e.info["iapo/shaping_abs_mean"].shape == (4,)
 

@@ -9,19 +9,19 @@ import os
 import pytest
 import torch
 
-from distributed import run_distributed
+from distributed import deepspeed_0198_overlay, run_distributed
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is in the test extra; pip install -e '.[test]'")
 
 POSTFIX = [5, 6, 7]
 
 
-def _model(tied: bool):
+def _model(tied: bool, vocab: int = 96):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     cfg = Qwen2Config(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=tied, initializer_range=0.3, max_position_embeddings=256,
     )
     model = Qwen2ForCausalLM(cfg)
@@ -48,8 +48,11 @@ def _engine(model, zero: int, tp: int, vocab_parallel: bool | None):
     return engine
 
 
-def _check(rank: int, world: int, zero: int, tp: int, tied: bool, vocab_parallel, same_data: bool) -> None:
+def _check(rank: int, world: int, zero: int, tp: int, tied: bool, vocab_parallel, same_data: bool,
+           ds0198: bool = False) -> None:
     from iapo_openrlhf.core.mi import answer_entropy, parallel_layout
+
+    assert (deepspeed.__version__ == "0.19.8") == ds0198, deepspeed.__version__
 
     model = _model(tied)
     seq, att, act = _batch(rank, same_data)
@@ -57,7 +60,8 @@ def _check(rank: int, world: int, zero: int, tp: int, tied: bool, vocab_parallel
     ref_nt = answer_entropy(copy.deepcopy(model), seq, att, act, None, predict_mode="next_token")
     engine = _engine(model, zero, tp, vocab_parallel)
     layout = parallel_layout(engine)
-    assert layout.vocab_parallel == (tp > 1 and (tied or bool(vocab_parallel))), layout
+    # DeepSpeed 0.19.8 makes a tied head vocab-parallel by itself; 0.19.6 has no vocab-parallel head
+    assert layout.vocab_parallel == (ds0198 and tp > 1 and (tied or bool(vocab_parallel))), layout
     engine.train()
     h, lp = answer_entropy(engine, seq, att, act, POSTFIX, return_log_probs=True, chunk_tokens=5)
     assert engine.module.training  # restored
@@ -71,12 +75,13 @@ def _check(rank: int, world: int, zero: int, tp: int, tied: bool, vocab_parallel
 
 
 @pytest.mark.parametrize(
-    "tied,vocab_parallel",
-    [(False, None), (True, None), (False, True)],
-    ids=["replicated-head", "tied-auto-vocab-parallel", "explicit-vocab-parallel"],
+    "tied,vocab_parallel,ds0198",
+    [(False, None, False), (True, None, False), (True, None, True), (False, True, True)],
+    ids=["replicated-head", "tied-head", "tied-auto-vocab-parallel-ds0.19.8", "explicit-vocab-parallel-ds0.19.8"],
 )
-def test_autotp2_matches_single_process(tied, vocab_parallel):
-    run_distributed(_check, 2, 300.0, 0, 2, tied, vocab_parallel, True)
+def test_autotp2_matches_single_process(tied, vocab_parallel, ds0198):
+    overlay = deepspeed_0198_overlay() if ds0198 else None
+    run_distributed(_check, 2, 300.0, 0, 2, tied, vocab_parallel, True, ds0198, pythonpath=overlay)
 
 
 def test_zero3_uneven_lengths_match_single_process():

@@ -15,10 +15,11 @@ Three ways to compute h, all exact against each other:
            written into spare slots after the cache and overwritten by the next chunk: nothing is
            copied per position, and the cache itself is never concatenated.
 
-Layouts: padded (OpenRLHF's `sequences`: left-padded prompt, right-padded response in the last
-A columns) through `answer_entropy`, and packed (samples back to back in one row, as OpenRLHF's
-`packing_samples`) through `answer_entropy_packed`. Both reduce to a list of probes
-(row, visible key range, first position id) that one scheduler executes.
+Layouts: `answer_entropy` takes OpenRLHF's batches as they are: (B, S) sequences padded on either
+side and an action mask whose column t is token S - A + t (0.11: A = S - 1, `mask[1:]`), with any
+number of action spans per row (multi-turn rollouts). `packed=True` runs the same batch as one
+packed row (OpenRLHF's `packing_samples`). Both reduce to a list of probes (row, visible key range,
+first position id) that one scheduler executes.
 """
 
 from __future__ import annotations
@@ -105,14 +106,15 @@ class _ProbeCache(Cache):
 
 
 # ---------------------------------------------------------------------------------------------
-# Probes: one per (sample, probed position). Every layout is reduced to these tensors.
+# Probes: one per (sample, probed column). Every layout is reduced to these tensors.
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _Probes:
     """N probes. Probe k sees cache columns c with key_valid[row, c] and lo <= c < hi, and its
-    postfix tokens get position ids pos .. pos + P - 1. (sample, j) says where its entropy goes."""
+    postfix tokens get position ids pos .. pos + P - 1. (sample, j) says where its entropy goes.
+    All on the CPU: they only index; what reaches the model is moved to its device per chunk."""
 
     row: torch.Tensor
     lo: torch.Tensor
@@ -122,24 +124,40 @@ class _Probes:
     j: torch.Tensor
 
 
-def _probed_positions(n: int, stride: int) -> list[int]:
-    """0, stride, 2 * stride, ... and always n."""
-    positions = list(range(0, n + 1, stride))
-    if positions[-1] != n:
-        positions.append(n)
+def _action_spans(mask_row: torch.Tensor) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) of ones in a (A,) 0/1 row: one per action span (turn)."""
+    m = mask_row.bool().tolist()
+    spans, start = [], None
+    for t, on in enumerate(m + [False]):
+        if on and start is None:
+            start = t
+        elif not on and start is not None:
+            spans.append((start, t))
+            start = None
+    return spans
+
+
+def _span_probes(start: int, end: int, stride: int) -> list[int]:
+    """Columns probed for the span [start, end): start, start + stride, ... and always end (the
+    entropy after its last token)."""
+    positions = list(range(start, end + 1, stride))
+    if positions[-1] != end:
+        positions.append(end)
     return positions
 
 
-def _interpolate(values: torch.Tensor, positions: list[int], n: int, out: torch.Tensor) -> None:
-    """Fill out[0 .. n] from `values` at `positions`, linearly in between, so the entropy drop of a
-    span is spread over its tokens; probed positions keep their value bit for bit."""
+def _interpolate(values: torch.Tensor, positions: list[int], out: torch.Tensor) -> None:
+    """Fill out[positions[0] .. positions[-1]] from `values` at `positions` (sorted columns of one
+    span), linearly in between, so the entropy drop of a stride is spread over its tokens;
+    probed columns keep their value bit for bit."""
     pos = torch.tensor(positions, dtype=torch.float32)
-    grid = torch.arange(n + 1, dtype=torch.float32)
+    grid = torch.arange(positions[0], positions[-1] + 1, dtype=torch.float32)
     right = torch.searchsorted(pos, grid).clamp(max=len(positions) - 1)
     left = (right - 1).clamp(min=0)
     w = (grid - pos[left]) / (pos[right] - pos[left]).clamp(min=1)
+    values = values.to(out.dtype)
     interp = values[left] + w * (values[right] - values[left])
-    out[: n + 1] = torch.where(pos[right] == grid, values[right], interp)
+    out[positions[0] : positions[-1] + 1] = torch.where(pos[right] == grid, values[right], interp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,9 +336,11 @@ def _check_same_batch(layout: ParallelLayout, input_ids: torch.Tensor, key_valid
         return
     ids = input_ids.long() * key_valid.long()
     weights = torch.arange(1, ids.shape[1] + 1, device=ids.device)
-    mine = torch.tensor(
-        [ids.shape[0], ids.shape[1], n_probes, int((ids * weights).sum()), int(key_valid.sum())], dtype=torch.long
-    )
+    # On the model's device: NCCL takes no CPU tensors (gloo does, which is why CPU tests pass either way).
+    mine = torch.stack([
+        torch.tensor(ids.shape[0], device=ids.device), torch.tensor(ids.shape[1], device=ids.device),
+        torch.tensor(n_probes, device=ids.device), (ids * weights).sum(), key_valid.long().sum(),
+    ])
     gathered = [torch.zeros_like(mine) for _ in range(layout.tp_size)]
     dist.all_gather(gathered, mine, group=layout.tp_group)
     if any(not torch.equal(g, gathered[0]) for g in gathered):
@@ -331,12 +351,12 @@ def _check_same_batch(layout: ParallelLayout, input_ids: torch.Tensor, key_valid
         )
 
 
-def _forwards_to_match(layout: ParallelLayout, mine: int) -> int:
+def _forwards_to_match(layout: ParallelLayout, mine: int, device: torch.device) -> int:
     """Under ZeRO-3 every forward is a collective parameter gather: ranks with fewer probe chunks
     run empty ones until all have run the largest count."""
     if not layout.count_sync:
         return mine
-    count = torch.tensor([mine], dtype=torch.long)
+    count = torch.tensor([mine], dtype=torch.long, device=device)  # the model's device (NCCL)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     return int(count)
 
@@ -372,6 +392,26 @@ def _check_common(
     return postfix
 
 
+@dataclass
+class _Layout:
+    """The keys the model sees and where each output row's columns are among them.
+
+    input_ids, key_valid, position_ids: (R, K), R = B rows (padded) or one packed row.
+    flat: (B, A + 1) row of the flattened preload logits whose distribution predicts column j's
+        token (the next-token distribution after the prefix of column j), -1 where none is kept.
+    labels: (B, A) token id of each action column (0 elsewhere).
+    logits_to_keep: what the preload passes to the model (int: last columns; tensor: packed indices).
+    """
+
+    input_ids: torch.Tensor
+    key_valid: torch.Tensor
+    position_ids: torch.Tensor
+    packed: bool
+    flat: torch.Tensor
+    labels: torch.Tensor
+    logits_to_keep: int | torch.Tensor
+
+
 def answer_entropy(
     model,
     sequences: torch.Tensor,
@@ -385,19 +425,30 @@ def answer_entropy(
     probe_stride: int = 1,
     predict_mode: str = "postfix",
     return_log_probs: bool = False,
+    packed: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Early-exit answer entropies, (B, A + 1) fp32, OpenRLHF padded layout.
+    """Early-exit answer entropies, (B, A + 1) fp32 on the CPU.
 
-    sequences, attention_mask: (B, S), left-padded prompt then the response in the last A columns.
-    action_mask: (B, A), a prefix of n_i ones per row (the valid response tokens).
-    Column j is the entropy after prompt + response[:j] + postfix for j <= n_i, 0 after.
+    sequences, attention_mask: (B, S), padded on either side (OpenRLHF 0.11 right-pads each
+        rollout; left-padded prompts with right-padded responses work alike).
+    action_mask: (B, A), 1 <= A <= S - 1; column t is token S - A + t, OpenRLHF's convention
+        (`log_probs[:, -A:]`), so A = S - 1 is OpenRLHF 0.11's `mask[1:]` and a prefix of ones
+        over the last A columns is a left-padded prompt + response. Any pattern of ones works:
+        each run is one action span (a turn of a multi-turn rollout; the observation tokens
+        between turns are context and get no probe). A row without actions gets zeros.
+    Column j is the entropy after every attended token before column j's token (keys
+    [0, S - A + j)) wherever column j is an action or directly follows one, 0 elsewhere, so
+    `token_mi` gives action token t the drop h[t] - h[t + 1].
     chunk_tokens: probe tokens per forward (rows * C * P); None picks it from a memory budget.
-    probe_stride: probe every k-th position (and n_i), interpolate the rest linearly.
+    probe_stride: probe every k-th column of a span (and its end), interpolate the rest linearly.
     predict_mode: "postfix" (the probe) or "next_token" (the policy's own next-token entropy,
         free from the preload forward; probe_stride and the postfix are unused).
-    return_log_probs: also return (B, A) fp32 log-probs of the response tokens from the preload
-        forward (0 on masked tokens, temperature-scaled like OpenRLHF's actor), so the actor pays
-        one forward for pi_old and the MI. Needs method "chunked".
+    return_log_probs: also return (B, A) fp32 log-probs of the action tokens from the preload
+        forward (0 elsewhere, temperature-scaled like OpenRLHF's actor), so the actor pays one
+        forward for pi_old and the MI. Needs method "chunked".
+    packed: run the batch as one row of its attended tokens, samples back to back (OpenRLHF's
+        `packing_samples`: no work on padding). Same inputs, same results; each row's attended
+        tokens must be contiguous.
     """
     postfix = _check_common(method, predict_mode, postfix_ids, probe_stride, temperature, chunk_tokens, return_log_probs)
     if sequences.dim() != 2 or attention_mask.shape != sequences.shape:
@@ -406,134 +457,88 @@ def answer_entropy(
             "expected both (B, S)"
         )
     b, s = sequences.shape
-    if action_mask.dim() != 2 or action_mask.shape[0] != b or action_mask.shape[1] >= s:
+    if action_mask.dim() != 2 or action_mask.shape[0] != b or not 1 <= action_mask.shape[1] < s:
         raise ValueError(
             f"action_mask: got shape {tuple(action_mask.shape)} for sequences {tuple(sequences.shape)}, "
-            f"expected (B={b}, A) with A < S (at least one prompt column)"
+            f"expected (B={b}, A) with 1 <= A <= S - 1 (column t is token S - A + t)"
         )
     a = action_mask.shape[1]
-    n = _response_lengths(action_mask)
-    att = attention_mask.bool()
-    prompt_len = att[:, : s - a].sum(-1)
-    if (prompt_len == 0).any():
-        rows = (prompt_len == 0).nonzero().flatten().tolist()
-        raise ValueError(f"attention_mask: rows {rows[:8]} have an empty prompt, expected at least one prompt token")
-    cols = torch.arange(a, device=att.device)
-    if (att[:, s - a :] < (cols < n.unsqueeze(-1))).any():
-        raise ValueError("attention_mask: masks out valid response tokens, expected 1 wherever action_mask is 1")
-
-    position_ids = att.long().cumsum(-1) - 1
-    position_ids.masked_fill_(~att, 1)
-    stride = probe_stride if predict_mode == "postfix" else 1
-    per_sample = [_probed_positions(int(n[i]), stride) for i in range(b)]
-    probes = _Probes(
-        row=torch.tensor([i for i in range(b) for _ in per_sample[i]]),
-        lo=torch.zeros(sum(len(p) for p in per_sample), dtype=torch.long),
-        hi=torch.tensor([s - a + j for i in range(b) for j in per_sample[i]]),
-        pos=torch.tensor([int(prompt_len[i]) + j for i in range(b) for j in per_sample[i]]),
-        sample=torch.tensor([i for i in range(b) for _ in per_sample[i]]),
-        j=torch.tensor([j for i in range(b) for j in per_sample[i]]),
-    )
-    # Columns whose logits predict the response tokens and the token after each prefix.
-    keep = torch.arange(s - a - 1, s, device=sequences.device).unsqueeze(0).expand(b, -1)
-    return _run(
-        model, sequences, att, position_ids, probes, per_sample, n, a, postfix, keep,
-        labels=sequences[:, s - a :], method=method, chunk_tokens=chunk_tokens, temperature=temperature,
-        predict_mode=predict_mode, return_log_probs=return_log_probs, packed=False,
-    )
-
-
-def answer_entropy_packed(
-    model,
-    input_ids: torch.Tensor,
-    seq_lens: Sequence[int],
-    response_lens: Sequence[int],
-    postfix_ids: Sequence[int] | torch.Tensor | None,
-    *,
-    response_width: int | None = None,
-    method: str = "chunked",
-    chunk_tokens: int | None = None,
-    temperature: float = 1.0,
-    probe_stride: int = 1,
-    predict_mode: str = "postfix",
-    return_log_probs: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """`answer_entropy` for samples packed back to back in one row (OpenRLHF `packing_samples`).
-
-    input_ids: (1, T); sample k occupies the next seq_lens[k] tokens (prompt then response),
-    its response being the last response_lens[k] of them; trailing padding after sum(seq_lens) is
-    ignored. Returns (N, W + 1) with W = response_width or max(response_lens), and (N, W) log-probs
-    with return_log_probs, in the same column convention as `answer_entropy`.
-    """
-    postfix = _check_common(method, predict_mode, postfix_ids, probe_stride, temperature, chunk_tokens, return_log_probs)
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"input_ids: got shape {tuple(input_ids.shape)}, expected (1, T) for one packed row")
-    seq_lens, response_lens = [int(x) for x in seq_lens], [int(x) for x in response_lens]
-    t = input_ids.shape[1]
-    if len(seq_lens) != len(response_lens) or not seq_lens:
+    first = s - a  # key column of action column 0
+    att = attention_mask.bool().cpu()
+    act = action_mask.bool().cpu()
+    bad = (act & ~att[:, first:]).any(-1)
+    if bad.any():
         raise ValueError(
-            f"response_lens: got {len(response_lens)} entries for {len(seq_lens)} seq_lens, expected one per sample"
+            f"action_mask: rows {bad.nonzero().flatten().tolist()[:8]} mark tokens that attention_mask masks out, "
+            "expected actions on attended tokens only"
         )
-    if sum(seq_lens) > t:
-        raise ValueError(f"seq_lens: sum {sum(seq_lens)} exceeds the packed row length {t}")
-    for k, (sl, rl) in enumerate(zip(seq_lens, response_lens)):
-        if not 1 <= rl < sl:
+    counts = att.long().cumsum(-1)  # (B, S): attended tokens up to and including each column
+    spans = [_action_spans(act[i]) for i in range(b)]
+    for i, row_spans in enumerate(spans):
+        if row_spans and counts[i, first + row_spans[0][0] - 1] == 0:
             raise ValueError(
-                f"response_lens: sample {k} has response {rl} in a sequence of {sl}, expected 1 <= response < sequence"
+                f"attention_mask: row {i} has no attended token before its first action (column "
+                f"{row_spans[0][0]}), expected at least one prompt token"
             )
-    w = response_width if response_width is not None else max(response_lens)
-    if w < max(response_lens):
-        raise ValueError(f"response_width: got {w}, expected >= the longest response {max(response_lens)}")
-
-    starts = [sum(seq_lens[:k]) for k in range(len(seq_lens))]
-    prompt_lens = [sl - rl for sl, rl in zip(seq_lens, response_lens)]
-    position_ids = torch.zeros(1, t, dtype=torch.long)
-    for st, sl in zip(starts, seq_lens):
-        position_ids[0, st : st + sl] = torch.arange(sl)
-    tail = t - sum(seq_lens)
-    position_ids[0, t - tail :] = torch.arange(tail)
-    position_ids = position_ids.to(input_ids.device)
-    key_valid = torch.zeros(1, t, dtype=torch.bool, device=input_ids.device)
-    key_valid[0, : sum(seq_lens)] = True
-
     stride = probe_stride if predict_mode == "postfix" else 1
-    per_sample = [_probed_positions(rl, stride) for rl in response_lens]
-    probes = _Probes(
-        row=torch.zeros(sum(len(p) for p in per_sample), dtype=torch.long),
-        lo=torch.tensor([starts[k] for k, p in enumerate(per_sample) for _ in p]),
-        hi=torch.tensor([starts[k] + prompt_lens[k] + j for k, p in enumerate(per_sample) for j in p]),
-        pos=torch.tensor([prompt_lens[k] + j for k, p in enumerate(per_sample) for j in p]),
-        sample=torch.tensor([k for k, p in enumerate(per_sample) for _ in p]),
-        j=torch.tensor([j for p in per_sample for j in p]),
-    )
-    # keep[k, c]: packed column whose logits predict response token c of sample k (and the one after).
-    keep = torch.zeros(len(seq_lens), w + 1, dtype=torch.long)
-    labels = torch.zeros(len(seq_lens), w, dtype=torch.long)
-    for k, (st, pl, rl) in enumerate(zip(starts, prompt_lens, response_lens)):
-        keep[k, : rl + 1] = torch.arange(st + pl - 1, st + pl + rl)
-        labels[k, :rl] = input_ids[0, st + pl : st + pl + rl].cpu()
-    n = torch.tensor(response_lens)
-    return _run(
-        model, input_ids, key_valid, position_ids, probes, per_sample, n, w, postfix, keep.to(input_ids.device),
-        labels=labels.to(input_ids.device), method=method, chunk_tokens=chunk_tokens, temperature=temperature,
-        predict_mode=predict_mode, return_log_probs=return_log_probs, packed=True,
-    )
+    plan = [(k, _span_probes(start, end, stride)) for k in range(b) for start, end in spans[k]]
+    k_of = torch.tensor([k for k, ps in plan for _ in ps], dtype=torch.long)
+    j_of = torch.tensor([j for _, ps in plan for j in ps], dtype=torch.long)
 
+    device = sequences.device
+    if packed:
+        lengths = att.sum(-1)
+        first_valid = torch.where(lengths > 0, att.long().argmax(-1), 0)
+        last_valid = first_valid + lengths - 1
+        holes = (lengths > 0) & (counts.gather(1, last_valid.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                                 - counts.gather(1, first_valid.unsqueeze(-1)).squeeze(-1) + 1 != lengths)
+        if holes.any():
+            raise ValueError(
+                f"attention_mask: rows {holes.nonzero().flatten().tolist()[:8]} have masked tokens between attended "
+                "ones, expected one contiguous run per row for packed=True (or use packed=False)"
+            )
+        starts = torch.cumsum(lengths, 0) - lengths
+        lo = starts
+        base = starts + first - first_valid  # packed column of action column 0 of each sample
+        input_ids = sequences[att.to(device)].unsqueeze(0)
+        key_valid = torch.ones_like(input_ids, dtype=torch.bool)
+        position_ids = torch.cat([torch.arange(int(n)) for n in lengths]).unsqueeze(0).to(device)
+        rows = torch.zeros(b, dtype=torch.long)
+        hi = base[k_of] + j_of
+        pos = hi - lo[k_of]
+    else:
+        lo = torch.zeros(b, dtype=torch.long)
+        base = torch.full((b,), first, dtype=torch.long)
+        input_ids, key_valid = sequences, attention_mask.bool()
+        position_ids = key_valid.long().cumsum(-1) - 1
+        position_ids.masked_fill_(~key_valid, 1)
+        rows = torch.arange(b)
+        hi = base[k_of] + j_of
+        pos = counts[k_of, hi - 1]
+    probes = _Probes(row=rows[k_of], lo=lo[k_of], hi=hi, pos=pos, sample=k_of, j=j_of)
 
-def _response_lengths(action_mask: torch.Tensor) -> torch.Tensor:
-    """n_i per row; the mask must be a prefix of ones (OpenRLHF's action_mask is)."""
-    m = action_mask.bool()
-    n = m.sum(-1)
-    prefix = torch.arange(m.shape[1], device=m.device) < n.unsqueeze(-1)
-    if (prefix != m).any():
-        rows = (prefix != m).any(-1).nonzero().flatten().tolist()
-        raise ValueError(f"action_mask: rows {rows[:8]} are not a prefix of ones, expected 1...1 0...0 per row")
-    if (n == 0).any():
-        rows = (n == 0).nonzero().flatten().tolist()
-        raise ValueError(f"action_mask: rows {rows[:8]} have no valid token, expected at least one per row")
-    return n.cpu()
+    # Preload logits to keep: for each sample the columns from its first action to just after its
+    # last one (next-token entropies at every probe, log-probs at every action); -1 elsewhere.
+    flat = torch.full((b, a + 1), -1, dtype=torch.long)
+    extent = [(k, spans[k][0][0], spans[k][-1][1]) for k in range(b) if spans[k]]
+    if packed:
+        cols, offset = [], 0
+        for k, j0, j1 in extent:
+            flat[k, j0 : j1 + 1] = torch.arange(offset, offset + j1 - j0 + 1)
+            cols.append(torch.arange(j0, j1 + 1) + base[k] - 1)
+            offset += j1 - j0 + 1
+        keep = torch.cat(cols).to(device) if cols else torch.zeros(1, dtype=torch.long, device=device)
+    else:
+        j_min = min((j0 for _, j0, _ in extent), default=a)
+        keep = a + 1 - j_min  # the last columns of every row: first - 1 + j_min .. S - 1
+        for k, j0, j1 in extent:
+            flat[k, j0 : j1 + 1] = k * keep + torch.arange(j0, j1 + 1) - j_min
+    label_cols = (base.unsqueeze(-1) + torch.arange(a)).clamp(max=input_ids.shape[1] - 1)
+    labels = torch.where(act, input_ids.cpu()[rows.unsqueeze(-1), label_cols], 0)
+    lay = _Layout(input_ids=input_ids, key_valid=key_valid, position_ids=position_ids, packed=packed,
+                  flat=flat, labels=labels, logits_to_keep=keep)
+    return _run(model, lay, probes, plan, act, postfix, method=method, chunk_tokens=chunk_tokens,
+                temperature=temperature, predict_mode=predict_mode, return_log_probs=return_log_probs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,90 +546,80 @@ def _response_lengths(action_mask: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def _run(
-    model, input_ids, key_valid, position_ids, probes, per_sample, n, width, postfix, keep, *, labels,
-    method, chunk_tokens, temperature, predict_mode, return_log_probs, packed,
-):
-    """Shared back end of both layouts. keep: (N, width + 1) columns of the preload logits that
-    predict the response tokens and the token after the last one, per output row."""
-    n_out = len(per_sample)
-    out = torch.zeros(n_out, width + 1, dtype=torch.float32)
-    log_probs = None
+def _run(model, lay: _Layout, probes: _Probes, plan, act, postfix, *, method, chunk_tokens, temperature,
+         predict_mode, return_log_probs):
+    """Shared back end of both layouts: preload, then the probes; results to the CPU once."""
+    n_out, a = act.shape
     layout = parallel_layout(model)
     distributed = layout.tp_group is not None or layout.count_sync
     if distributed and method != "chunked":
         raise ValueError(f"method: got {method!r} on a distributed engine, expected 'chunked' (the references are single-process)")
+    device = lay.input_ids.device
+    log_probs = None
     with _inference(model):
-        _check_same_batch(layout, input_ids, key_valid, len(probes.row) if predict_mode == "postfix" else 0)
+        _check_same_batch(layout, lay.input_ids, lay.key_valid, len(probes.row) if predict_mode == "postfix" else 0)
         if method == "naive" and predict_mode == "postfix":
-            values = _naive(model, input_ids, key_valid, probes, postfix, temperature)
+            values = _naive(model, lay.input_ids, lay.key_valid, probes, postfix, temperature)
         else:
             if method == "chunked":
                 _check_no_sliding_window(model)
             need_logits = predict_mode == "next_token" or return_log_probs
             p_len = 0 if postfix is None else len(postfix)
-            rows = input_ids.shape[0]
+            rows, key_len = lay.input_ids.shape
             if method == "chunked" and predict_mode == "postfix":
-                budget = chunk_tokens or _default_chunk_tokens(rows, input_ids.shape[1], p_len, model)
-                cache = _ProbeCache(_text_config(model).num_hidden_layers, input_ids.shape[1] + max(budget, p_len * rows))
+                budget = chunk_tokens or _default_chunk_tokens(rows, key_len, p_len, model)
+                cache = _ProbeCache(_text_config(model).num_hidden_layers, key_len + max(budget, p_len * rows))
             else:
                 cache = DynamicCache()
-            logits = _preload(model, input_ids, key_valid, position_ids, cache, keep if need_logits else None, packed)
+            logits = _preload(model, lay, cache, need_logits)
             if need_logits:
-                # logits: (N, width + 1, V) at the `keep` columns
+                flat = lay.flat.to(device)
                 if return_log_probs:
-                    lp = _log_probs(logits[:, :width], labels, layout, temperature)
-                    valid = torch.arange(width, device=lp.device) < n.to(lp.device).unsqueeze(-1)
-                    log_probs = torch.where(valid, lp, torch.zeros_like(lp)).cpu()
+                    sel = act.to(device)
+                    log_probs = torch.zeros(n_out, a, dtype=torch.float32, device=device)
+                    log_probs[sel] = _log_probs(logits[flat[:, :a][sel]], lay.labels.to(device)[sel], layout,
+                                                temperature).float()
                 if predict_mode == "next_token":
-                    h = _entropy(logits, layout, temperature).cpu()
-                    valid = torch.arange(width + 1) <= n.unsqueeze(-1)
-                    out = torch.where(valid, h, torch.zeros_like(h))
-                    return (out, log_probs) if return_log_probs else out
+                    values = _entropy(logits[flat[probes.sample.to(device), probes.j.to(device)]], layout, temperature)
                 del logits
-            with _sdpa_attention(model):
-                if method == "chunked":
-                    cache.freeze()
-                    values = _chunked(model, key_valid, probes, postfix, cache, budget, temperature, layout)
-                else:
-                    values = _kv_copy(model, key_valid, probes, postfix, cache, chunk_tokens, temperature)
-    for k, positions in enumerate(per_sample):
-        sel = probes.sample == k
-        _interpolate(values[sel], positions, int(n[k]), out[k])
-    return (out, log_probs) if return_log_probs else out
+            if predict_mode == "postfix":
+                with _sdpa_attention(model):
+                    if method == "chunked":
+                        cache.freeze()
+                        values = _chunked(model, lay.key_valid, probes, postfix, cache, budget, temperature, layout)
+                    else:
+                        values = _kv_copy(model, lay.key_valid, probes, postfix, cache, chunk_tokens, temperature)
+    values = values.float().cpu()
+    out = torch.zeros(n_out, a + 1, dtype=torch.float32)
+    offset = 0
+    for k, positions in plan:
+        _interpolate(values[offset : offset + len(positions)], positions, out[k])
+        offset += len(positions)
+    if return_log_probs:
+        return out, log_probs.cpu()
+    return out
 
 
-def _preload(model, input_ids, key_valid, position_ids, cache, keep, packed) -> torch.Tensor | None:
-    """One forward over all tokens into `cache`; returns logits (N, K, V) at `keep` (N, K) or None.
+def _preload(model, lay: _Layout, cache, need_logits: bool) -> torch.Tensor | None:
+    """One forward over all tokens into `cache`; returns the kept logits flattened to (M, V), or None.
 
-    Packed rows go in with attention_mask=None: transformers then derives the block-diagonal
-    causal mask from the position ids that restart at each sample (flash-attn varlen on GPU).
+    Packed rows go in with the block-diagonal causal mask spelled out, or with attention_mask=None
+    under flash attention, which derives it from the position ids restarting at each sample (varlen).
     """
-    logits_to_keep = 1
-    if keep is not None:
-        if packed:
-            logits_to_keep = keep.flatten()
-        else:
-            logits_to_keep = keep.shape[1]
-    attention_mask = key_valid.long()
-    if packed:
-        # flash-attn derives the block-diagonal causal mask from position ids that restart at each
-        # sample (varlen); other kernels get it spelled out.
-        attention_mask = None if _uses_flash_attention(model) else _packed_causal_mask(position_ids, key_valid, model)
+    attention_mask = lay.key_valid.long()
+    if lay.packed:
+        attention_mask = None if _uses_flash_attention(model) else _packed_causal_mask(lay.position_ids, lay.key_valid, model)
     out = model(
-        input_ids=input_ids,
+        input_ids=lay.input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids,
+        position_ids=lay.position_ids,
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=logits_to_keep,
+        logits_to_keep=lay.logits_to_keep if need_logits else 1,
     )
-    if keep is None:
+    if not need_logits:
         return None
-    logits = out.logits
-    if packed:
-        return logits[0].reshape(keep.shape[0], keep.shape[1], -1)
-    return logits
+    return out.logits.reshape(-1, out.logits.shape[-1])
 
 
 def _packed_causal_mask(position_ids: torch.Tensor, key_valid: torch.Tensor, model) -> torch.Tensor:
@@ -661,7 +656,7 @@ def _chunked(
     p_len = len(postfix)
     rows, key_len = key_valid.shape
     postfix = postfix.to(device)
-    values = torch.zeros(len(probes.row), dtype=torch.float32)
+    values = torch.zeros(len(probes.row), dtype=torch.float32, device=device)
     # Rank of each probe in its row by the end of its visible range (= by position in the padded
     # layout), so that the probes still to do after a chunk all see a prefix of [0, base).
     # hi <= key_len keeps the rows apart in the sort key.
@@ -719,14 +714,14 @@ def _chunked(
             cpu_blocks = device.type == "cpu" and not layout.vocab_parallel
             step = max(1, (8 << 20) // (4 * logits.shape[-1])) if cpu_blocks else len(logits)
             h = torch.cat([_entropy(logits[i : i + step], layout, temperature) for i in range(0, len(logits), step)])
-            values[sel] = h.reshape(nr, c).cpu()[slot_r, slot_c]
+            values[sel.to(device)] = h.reshape(nr, c)[slot_r.to(device), slot_c.to(device)].float()
             forwards += 1
     # ZeRO-3: match the busiest rank with empty probes (one token block seeing only itself; the
     # cache is consumed by now, so writing at slot 0 harms nothing).
     cache.select_rows(slice(0, 1))
     for layer in cache.layers:
         layer.base = 0
-    for _ in range(_forwards_to_match(layout, forwards) - forwards):
+    for _ in range(_forwards_to_match(layout, forwards, device) - forwards):
         mask = _additive_mask(torch.ones(1, 1, p_len, p_len, dtype=torch.bool, device=device).tril(), dtype)
         out = model(input_ids=postfix.unsqueeze(0), attention_mask=mask,
                     position_ids=torch.arange(p_len, device=device).unsqueeze(0), past_key_values=cache,
@@ -801,12 +796,14 @@ def token_mi(
     horizon: int = 1,
     decay: float = 1.0,
 ) -> torch.Tensor:
-    """Per-token conditional MI, (B, A) fp32, 0 on masked tokens.
+    """Per-token conditional MI, (B, A) fp32, 0 on non-action columns.
 
-    h: (B, A + 1) from `answer_entropy`; action_mask: (B, A) prefix of ones.
+    h: (B, A + 1) from `answer_entropy`; action_mask: (B, A), any pattern of action spans.
     s[t] = h[t] - h[t + 1]: how much token t lowered the uncertainty about the answer.
-    smoothing="official": s[t] = (h[t] + h[t - 1]) / 2 - h[t + 1], with h[-1] := h[0] (the
-        authors' variant). horizon H, decay d: s'[t] = sum_{k < H} d^k s[t + k] over valid tokens.
+    smoothing="official": s[t] = (h[t] + h[t - 1]) / 2 - h[t + 1], with h[t - 1] := h[t] at the
+        first token of a span (the authors' variant). horizon H, decay d: s'[t] = sum_{k < H} d^k
+        s[t + k] over the next H columns (non-action columns, e.g. a tool's observation between
+        two turns, add 0).
     """
     if smoothing not in SMOOTHINGS:
         raise ValueError(f"smoothing: got {smoothing!r}, expected one of {SMOOTHINGS}")
@@ -818,13 +815,14 @@ def token_mi(
         raise ValueError(
             f"h: got shape {tuple(h.shape)} for action_mask {tuple(action_mask.shape)}, expected (B, A + 1)"
         )
-    _response_lengths(action_mask)
-    valid = action_mask.bool()
+    valid = action_mask.bool().to(h.device)
     h = h.float()
     current = h[:, :-1]
     if smoothing == "official":
+        after_action = torch.zeros_like(valid)
+        after_action[:, 1:] = valid[:, :-1]
         previous = torch.cat([h[:, :1], h[:, :-2]], dim=1)
-        current = (current + previous) / 2
+        current = (current + torch.where(after_action, previous, current)) / 2
     s = torch.where(valid, current - h[:, 1:], torch.zeros_like(current))
     if horizon > 1:
         total = s.clone()

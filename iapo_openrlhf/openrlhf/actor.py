@@ -17,7 +17,7 @@ import torch.distributed as dist
 from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
 
 from ..config import IapoConfig
-from ..core.mi import answer_entropy, answer_entropy_packed, token_mi
+from ..core.mi import answer_entropy, token_mi
 from .settings import iapo_config_from_args, needs_mi, needs_next_token_entropy, postfix_token_ids
 
 
@@ -32,14 +32,6 @@ def unwrap_ray_class(actor_class) -> type:
     return plain
 
 
-def _packed_inputs(sequences: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor):
-    """OpenRLHF's padded batch (left-padded prompts, right-padded responses) as one packed row,
-    the way its `packing_samples` path feeds the model: (1, T) ids, sequence and response lengths."""
-    att = attention_mask.bool()
-    ids = sequences[att].unsqueeze(0)
-    return ids, att.sum(-1).tolist(), action_mask.bool().sum(-1).tolist()
-
-
 @torch.no_grad()
 def iapo_forward(
     actor,
@@ -48,53 +40,48 @@ def iapo_forward(
     attention_mask: torch.Tensor,
     cfg: IapoConfig,
     postfix_ids: list[int],
-    *,
-    packing: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """One estimator pass on an OpenRLHF `Actor` (its `.model` a DeepSpeed engine or a HF model).
+    """One estimator pass on an OpenRLHF `Actor` (its `.model` a DeepSpeed engine or a HF model),
+    on the micro-batch OpenRLHF's experience maker sends.
 
-    sequences, attention_mask: (B, S); action_mask: (B, A), the response columns, a prefix of
-    ones per row. Returns fp32 CPU tensors (the estimator's results are on the CPU whatever the
-    device of the inputs):
-      action_log_probs (B, A): what `Actor.forward` returns (temperature-scaled, 0 on padding);
-      mi (B, A) when alpha != 0, with answer_entropy_first / answer_entropy_last (B,);
+    sequences, attention_mask: (B, S), each rollout unpadded then right-padded by
+    `Experience.concat_experiences`; action_mask: (B, S - 1) = `mask[1:]` (column t is token t + 1;
+    the core takes any width A <= S - 1 with column t = token S - A + t, as `Actor.forward` does),
+    one action span per single-turn rollout, several for multi-turn agent rollouts. Runs packed
+    when the actor does (`--ds.packing_samples`). Returns fp32 CPU tensors, column for column with
+    OpenRLHF's `action_log_probs`:
+      action_log_probs (B, A): what `Actor.forward` returns (temperature-scaled, 0 off the actions);
+      mi (B, A) when alpha != 0 (0 off the actions), with answer_entropy_first / _last (B,): the
+        entropy before the first action token and after the last one;
       next_token_entropy (B, A) when beta != 0 and exploration == "entropy".
     """
     if not (needs_mi(cfg) or needs_next_token_entropy(cfg)):
         raise ValueError("iapo_forward: alpha = 0 and no entropy exploration, nothing to estimate (use Actor.forward)")
-    engine = actor.model
-    temperature = float(getattr(actor, "temperature", 1.0))
-    a = action_mask.shape[1]
-    common = dict(chunk_tokens=cfg.chunk_tokens, temperature=temperature, return_log_probs=True)
-
-    def estimate(postfix, predict_mode: str, stride: int):
-        if packing:
-            ids, seq_lens, resp_lens = _packed_inputs(sequences, attention_mask, action_mask)
-            return answer_entropy_packed(engine, ids, seq_lens, resp_lens, postfix, response_width=a,
-                                         predict_mode=predict_mode, probe_stride=stride, **common)
-        return answer_entropy(engine, sequences, attention_mask, action_mask, postfix,
-                              predict_mode=predict_mode, probe_stride=stride, **common)
-
+    common = dict(chunk_tokens=cfg.chunk_tokens, temperature=float(getattr(actor, "temperature", 1.0)),
+                  return_log_probs=True, packed=bool(getattr(actor, "packing_samples", False)))
     was_training = actor.training
     actor.eval()
     try:
         out: dict[str, torch.Tensor] = {}
-        # answer_entropy returns CPU tensors; on a GPU actor the masks arrive on the GPU, and
-        # torch.where / gather / * across the two devices would raise.
-        valid = action_mask.bool().cpu()
-        lengths = valid.sum(-1)
+        valid = action_mask.bool().cpu()  # the estimator's results are on the CPU
         if needs_mi(cfg):
             postfix = postfix_ids if cfg.predict_mode == "postfix" else None
-            h, log_probs = estimate(postfix, cfg.predict_mode, cfg.probe_stride)
+            h, log_probs = answer_entropy(actor.model, sequences, attention_mask, action_mask, postfix,
+                                          predict_mode=cfg.predict_mode, probe_stride=cfg.probe_stride, **common)
             out["mi"] = token_mi(h, valid, smoothing=cfg.mi_smoothing, horizon=cfg.mi_horizon, decay=cfg.mi_decay)
-            out["answer_entropy_first"] = h[:, 0]
-            out["answer_entropy_last"] = h.gather(1, lengths.unsqueeze(-1)).squeeze(-1)
+            any_action = valid.any(-1)
+            first = valid.long().argmax(-1)
+            last = valid.shape[1] - valid.flip(-1).long().argmax(-1)  # column after the last action
+            rows = torch.arange(len(h))
+            out["answer_entropy_first"] = torch.where(any_action, h[rows, first], 0.0)
+            out["answer_entropy_last"] = torch.where(any_action, h[rows, last], 0.0)
             if needs_next_token_entropy(cfg) and cfg.predict_mode == "next_token":
                 out["next_token_entropy"] = torch.where(valid, h[:, :-1], 0.0)
         if needs_next_token_entropy(cfg) and "next_token_entropy" not in out:
-            h_next, log_probs = estimate(None, "next_token", 1)
+            h_next, log_probs = answer_entropy(actor.model, sequences, attention_mask, action_mask, None,
+                                               predict_mode="next_token", **common)
             out["next_token_entropy"] = torch.where(valid, h_next[:, :-1], 0.0)
-        out["action_log_probs"] = log_probs * valid.float()
+        out["action_log_probs"] = log_probs
     finally:
         actor.train(was_training)
     return out
@@ -139,10 +126,8 @@ class IAPOPolicyModelActor(unwrap_ray_class(PolicyModelActor)):
         if mm_train_inputs_list and any(mm_train_inputs_list):
             raise ValueError("IAPO's MI estimator takes text-only batches; got multimodal inputs")
         device = _device()
-        out = iapo_forward(
-            self.actor, sequences.to(device), action_mask.to(device), attention_mask.to(device),
-            self.iapo, self.iapo_postfix_ids, packing=bool(self.strategy.args.ds.packing_samples),
-        )
+        out = iapo_forward(self.actor, sequences.to(device), action_mask.to(device), attention_mask.to(device),
+                           self.iapo, self.iapo_postfix_ids)
         if not is_group_leader(self.strategy):
             return None
         return {key: value.to("cpu") for key, value in out.items()}
