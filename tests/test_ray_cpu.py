@@ -38,7 +38,7 @@ BIN = Path(sys.executable).parent
 
 # The IAPO weights of run A. alpha > 0 needs the actor's MI pass on OpenRLHF 0.11's batch layout
 # (issue 13, item 1); beta > 0 with exploration "prob" uses OpenRLHF's own forward.
-ALPHA, BETA, EXPLORATION = 0.0, 0.1, "prob"
+ALPHA, BETA, EXPLORATION = 0.5, 0.1, "prob"
 LR = "1e-3"  # large enough that one step moves the probe log-probs well past bf16 noise
 RUN_TIMEOUT = 420
 
