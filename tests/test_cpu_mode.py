@@ -34,7 +34,7 @@ BASE = [
     (["--vllm.tensor_parallel_size", "2", "--vllm.num_engines", "1"], "--cpu: --vllm.tensor_parallel_size 2:"),
     (["--ds.use_liger_kernel"], "--cpu: --ds.use_liger_kernel:"),
     (["--ds.load_in_4bit"], "--cpu: --ds.load_in_4bit:"),
-    (["--ds.param_dtype", "fp16"], "--cpu: --ds.param_dtype fp16: DeepSpeed's CPU accelerator trains in bf16 only"),
+    (["--ds.param_dtype", "fp16"], "--cpu: --ds.param_dtype fp16: OpenRLHF's vLLM engines are bf16"),
     (["--vllm.gpu_memory_utilization", "0.9"], "--cpu: --vllm.gpu_memory_utilization 0.9: on the CPU vLLM reserves"),
     (["--ds.attn_implementation", "flash_attention_2"], "--cpu: --ds.attn_implementation flash_attention_2: "
                                                         "not available on the CPU"),

@@ -46,8 +46,9 @@ needs_gsm8k = pytest.mark.skipif(not (GSM8K / "train.jsonl").exists(), reason=".
 
 
 def _run(cmd: list, log: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # --cpu starts its own Ray
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=RUN_TIMEOUT,
-                            env={**os.environ, **(env or {})}, cwd=REPO)
+                            env={**environ, **(env or {})}, cwd=REPO)
     log.write_text(result.stdout + "\n--- stderr ---\n" + result.stderr)
     return result
 

@@ -539,8 +539,9 @@ def check_args(args, argv: list[str]) -> list[str]:
                                              "--cpu runs each vLLM engine in one process; use 1"),
         (args.ds.use_liger_kernel, "--ds.use_liger_kernel: Liger's kernels are Triton GPU kernels; drop it with --cpu"),
         (args.ds.load_in_4bit, "--ds.load_in_4bit: bitsandbytes 4-bit needs CUDA; drop it with --cpu"),
-        (args.ds.param_dtype != "bf16", f"--ds.param_dtype {args.ds.param_dtype}: DeepSpeed's CPU accelerator "
-                                        "trains in bf16 only; use bf16 with --cpu"),
+        (args.ds.param_dtype != "bf16", f"--ds.param_dtype {args.ds.param_dtype}: OpenRLHF's vLLM engines are bf16 "
+                                        "and weights are synced as they are (and DeepSpeed's CPU accelerator has fp16 "
+                                        "only on CPUs with AVX512-FP16); use bf16 with --cpu"),
         (not args.vllm.num_engines, "--vllm.num_engines 0: OpenRLHF 0.11 samples with vLLM; use 1 with --cpu"),
         (args.vllm.gpu_memory_utilization > MAX_VLLM_MEMORY_SHARE,
          f"--vllm.gpu_memory_utilization {args.vllm.gpu_memory_utilization}: on the CPU vLLM reserves this share of "

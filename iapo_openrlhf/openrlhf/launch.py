@@ -177,6 +177,9 @@ def print_dry_run(args: SimpleNamespace, out=None) -> None:
     for r in rows:
         print(f"| {r['group']} | {r['gpus']} | {r['detail']} | {r['shares'] or '-'} |", file=out)
     print(f"\nGPUs requested: {total} ({math.ceil(total / per_node)} node(s) of {per_node} GPUs)", file=out)
+    if getattr(args, "cpu", False):
+        print(f"--cpu: a local Ray declaring {total} fake GPUs and {total + 2} CPUs (unless RAY_ADDRESS names a "
+              "cluster); every process runs on this machine's CPUs", file=out)
     samples = args.rollout.batch_size * args.rollout.n_samples_per_prompt
     print(f"Samples per rollout step: {args.rollout.batch_size} prompts x {args.rollout.n_samples_per_prompt} = "
           f"{samples}; PPO batch {args.train.batch_size}, micro batches {args.train.micro_batch_size} (train) / "
@@ -322,8 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                 notes = cpu_mode.check_args(args, expanded)
             except cpu_mode.CPUModeError as e:
                 raise UsageError(f"--cpu: {e}") from None
-            if not args.dry_run:
-                print(f"{PROG} --cpu: {'; '.join(notes)} (README, 'CPU mode')", file=sys.stderr)
+            print(f"{PROG} --cpu: {'; '.join(notes)} (README, 'CPU mode')", file=sys.stderr)
         if not args.dry_run:
             _check_gpu_stack(cpu=args.cpu)
     except (UsageError, OpenRLHFVersionError) as e:
