@@ -126,3 +126,10 @@ def test_phase_table_from_events():
     assert rows["step 2 (rollout, experience, PPO update, weight sync + check)"] == pytest.approx(1.5)
     assert rows["checkpoint save (global_step1)"] == 0.5 and rows["HF export (final)"] == 0.4
     assert rows["total (launch to end)"] == 78
+
+
+def test_stock_openrlhf_refuses_iapo_weights(capsys):
+    assert launch.main(BASE + ["--stock-openrlhf", "--iapo.beta", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--stock-openrlhf: OpenRLHF's own classes add no IAPO shaping" in err and err.count("\n") == 1
+    assert launch.parse_args(BASE + ["--stock-openrlhf", "--iapo.beta", "0"]).stock_openrlhf

@@ -3,8 +3,12 @@
 Every CPU-only adjustment lives here and is active only in a `--cpu` run: the launcher starts Ray
 with the environment variable `IAPO_CPU_MODE=1` and `ray_worker_setup` as Ray's
 `worker_process_setup_hook`, so each Ray worker (policy, reference, trainer, vLLM actor) calls
-`activate()` before it runs anything; vLLM's engine-core process (vLLM V1 runs the model in a
-child process of the Ray actor) loads `CPUWorkerWrap`, which activates too. Nothing here is
+`activate()` before it runs anything. vLLM runs the model outside the Ray actor: OpenRLHF's
+AsyncLLMEngine always starts an engine-core process (vLLM V1 has no in-process async engine), and
+on the CPU vLLM switches the "uni" executor OpenRLHF asks for to its multiprocessing one (it pins
+OpenMP threads per worker), so the model and the worker extension live in a third process,
+"VLLM::Worker". Both inherit the Ray actor's environment; the worker loads `CPUWorkerWrap`, whose
+`init_process_group` activates the patches there (the engine core needs none). Nothing here is
 imported by a GPU run. OpenRLHF's and vLLM's code is reused, never copied: each patch wraps or
 subclasses one of their objects, or rebinds a name in one of OpenRLHF's modules.
 

@@ -80,6 +80,9 @@ def check_iapo_combination(args: argparse.Namespace) -> None:
         cfg = iapo_config_from_args(args)
     except ConfigError as e:
         raise UsageError(f"--{e}") from None
+    if get("stock_openrlhf") and (cfg.alpha != 0 or cfg.beta != 0):
+        raise UsageError(f"--stock-openrlhf: OpenRLHF's own classes add no IAPO shaping, got --iapo.alpha {cfg.alpha} "
+                         f"--iapo.beta {cfg.beta}; pass --iapo.alpha 0 --iapo.beta 0 to compare with an IAPO run")
     if get("rollout.n_samples_per_prompt") < 2:
         raise UsageError(
             f"--rollout.n_samples_per_prompt {get('rollout.n_samples_per_prompt')}: IAPO normalises rewards within "
