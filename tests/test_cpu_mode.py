@@ -119,6 +119,7 @@ def test_phase_table_from_events():
     events = [{"event": name, "time": t + dt, **(extra[0] if extra else {})} for name, dt, *extra in run]
     rows = dict(cpu_mode.phases(events))
     assert rows["Ray start"] == 5
+    assert rows["Ray workers up (process start, import of OpenRLHF/vLLM/DeepSpeed)"] == 35
     assert rows["vLLM engine start (actor start to engine ready)"] == 28
     assert rows["DeepSpeed actor + reference set-up (concurrent with vLLM)"] == 5
     assert rows["start-up total (launch to first step)"] == 72

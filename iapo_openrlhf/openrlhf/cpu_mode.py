@@ -644,11 +644,13 @@ def phases(events: list[dict[str, Any]]) -> list[tuple[str, float]]:
     rows: list[tuple[str, float]] = []
     if t("launch") and t("ray_ready"):
         rows.append(("Ray start", t("ray_ready") - t("launch")))
+    prepared = [e["time"] for e in events if e["event"] == "model_prepared"]
+    starts = [e["time"] for e in events if e["event"] == "model_init_start"]
+    if t("ray_ready") and starts:
+        rows.append(("Ray workers up (process start, import of OpenRLHF/vLLM/DeepSpeed)", min(starts) - t("ray_ready")))
     for e in events:
         if e["event"] == "vllm_ready":
             rows.append(("vLLM engine start (actor start to engine ready)", e["seconds"]))
-    prepared = [e["time"] for e in events if e["event"] == "model_prepared"]
-    starts = [e["time"] for e in events if e["event"] == "model_init_start"]
     if prepared and starts:
         rows.append(("DeepSpeed actor + reference set-up (concurrent with vLLM)", max(prepared) - min(starts)))
     ready = [e["time"] for e in events if e["event"] in ("vllm_ready", "model_prepared", "actor_ready")]
@@ -680,5 +682,5 @@ def phases(events: list[dict[str, Any]]) -> list[tuple[str, float]]:
 
 def phase_table(events: list[dict[str, Any]]) -> str:
     lines = ["iapo-train-ray --cpu: wall time by phase"]
-    lines += [f"  {name:<62} {seconds:8.1f} s" for name, seconds in phases(events)]
+    lines += [f"  {name:<70} {seconds:8.1f} s" for name, seconds in phases(events)]
     return "\n".join(lines)
