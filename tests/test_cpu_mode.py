@@ -134,3 +134,21 @@ def test_stock_openrlhf_refuses_iapo_weights(capsys):
     err = capsys.readouterr().err
     assert "--stock-openrlhf: OpenRLHF's own classes add no IAPO shaping" in err and err.count("\n") == 1
     assert launch.parse_args(BASE + ["--stock-openrlhf", "--iapo.beta", "0"]).stock_openrlhf
+
+
+def test_leftover_processes_of_the_run_are_ended(monkeypatch):
+    """Only processes whose environment carries this run's id; after `wait`, SIGTERM."""
+    import subprocess
+    import sys
+
+    run_id = "test-run-leftover"
+    env = {**__import__("os").environ, cpu_mode.RUN_ID_ENV: run_id}
+    mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert cpu_mode.end_leftover_processes(run_id, wait=0.5, grace=5) == [mine.pid]
+        assert mine.wait(timeout=10) is not None
+        assert other.poll() is None
+    finally:
+        other.kill()
+        mine.kill()

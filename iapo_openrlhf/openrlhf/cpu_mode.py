@@ -623,8 +623,49 @@ def session(args, env_vars: dict[str, str]):
     finally:
         if ours:
             ray.shutdown()
+            ended = end_leftover_processes(run_id)
             record_event("ray_stopped")
+            if ended:
+                print(f"iapo-train-ray --cpu: ended {len(ended)} process(es) of this run left after Ray's shutdown: "
+                      f"{ended}", file=sys.stderr)
     print(phase_table(read_events(events_path, run_id)), file=sys.stderr)
+
+
+def _processes_of_run(run_id: str) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get(RUN_ID_ENV) == run_id:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def end_leftover_processes(run_id: str, wait: float = 15.0, grace: float = 5.0) -> list[int]:
+    """Processes of this run (their environment holds its run id) still alive `wait` s after
+    Ray's shutdown: SIGTERM, then SIGKILL after `grace` s. Ray stops its workers, but vLLM's
+    engine-core and worker processes are children of a Ray worker and survived it when the
+    raylet was killed (seen here: 1.7 GB held until ended by hand). Returns their pids."""
+    import psutil
+
+    deadline = time.time() + wait
+    left = _processes_of_run(run_id)
+    while left and time.time() < deadline:
+        time.sleep(0.5)
+        left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(left, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return [p.pid for p in left]
 
 
 def read_events(path: str, run_id: str | None = None) -> list[dict[str, Any]]:
