@@ -117,6 +117,7 @@ def test_phase_table_from_events():
         ("train_done", 76.5), ("ray_stopped", 78),
     ]
     events = [{"event": name, "time": t + dt, **(extra[0] if extra else {})} for name, dt, *extra in run]
+    events[0]["process_started"] = t - 10
     rows = dict(cpu_mode.phases(events))
     assert rows["Ray start"] == 5
     assert rows["Ray workers up (process start, import of OpenRLHF/vLLM/DeepSpeed)"] == 35
@@ -126,7 +127,8 @@ def test_phase_table_from_events():
     assert rows["step 1 (rollout, experience, PPO update, weight sync + check)"] == 2
     assert rows["step 2 (rollout, experience, PPO update, weight sync + check)"] == pytest.approx(1.5)
     assert rows["checkpoint save (global_step1)"] == 0.5 and rows["HF export (final)"] == 0.4
-    assert rows["total (launch to end)"] == 78
+    assert rows["launcher (imports, OpenRLHF's parser and checks)"] == 10
+    assert rows["total (process start to end)"] == 88
 
 
 def test_stock_openrlhf_refuses_iapo_weights(capsys):

@@ -36,6 +36,7 @@ import os
 import sys
 import time
 import types
+from importlib import import_module
 from typing import Any
 
 import torch
@@ -188,10 +189,8 @@ def activate() -> None:
     if _ACTIVE:
         return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # importlib, not `import a.b.c as m`: that form returns attribute c of a.b, and in
+    # import_module, not `import a.b.c as m`: that form returns attribute c of a.b, and in
     # deepspeed.comm (for one) the attribute `torch` is the torch package, not the submodule.
-    from importlib import import_module
-
     replay_buffer = import_module("openrlhf.trainer.ppo_utils.replay_buffer")
     launcher = import_module("openrlhf.trainer.ray.launcher")
     ppo_actor = import_module("openrlhf.trainer.ray.ppo_actor")
@@ -454,7 +453,13 @@ def _worker_wrap_class():
         once through `reload_weights`, which re-runs vLLM's post-load processing."""
 
         def init_process_group(self, *args, **kwargs):
-            activate()  # OpenRLHF's stateless_init_process_group -> the gloo group
+            # OpenRLHF's WorkerWrap takes stateless_init_process_group from this module at call
+            # time: the gloo group. (Only this patch: the rest of activate() would import
+            # DeepSpeed and OpenRLHF's trainer into vLLM's worker for nothing.)
+            distributed_util = import_module("openrlhf.utils.distributed_util")
+
+            distributed_util.stateless_init_process_group = stateless_gloo_group
+            record_event("cpu_mode_active", scope="vllm worker: weight-sync group")
             super().init_process_group(*args, **kwargs)
             self._iapo_pending = []
 
@@ -609,7 +614,9 @@ def session(args, env_vars: dict[str, str]):
     run_id = f"{os.getpid()}-{time.time():.0f}"
     env = {**env_vars, ENV: "1", EVENTS_ENV: events_path, RUN_ID_ENV: run_id, "DS_ACCELERATOR": "cpu"}
     os.environ.update(env)
-    record_event("launch")
+    import psutil
+
+    record_event("launch", process_started=psutil.Process().create_time())
     activate()
     ours = start_ray(args, env)
     record_event("ray_ready")
@@ -683,6 +690,8 @@ def phases(events: list[dict[str, Any]]) -> list[tuple[str, float]]:
         first.setdefault(e["event"], e)
     t = lambda name: first[name]["time"] if name in first else None  # noqa: E731
     rows: list[tuple[str, float]] = []
+    if t("launch") and first["launch"].get("process_started"):
+        rows.append(("launcher (imports, OpenRLHF's parser and checks)", t("launch") - first["launch"]["process_started"]))
     if t("launch") and t("ray_ready"):
         rows.append(("Ray start", t("ray_ready") - t("launch")))
     prepared = [e["time"] for e in events if e["event"] == "model_prepared"]
@@ -717,7 +726,8 @@ def phases(events: list[dict[str, Any]]) -> list[tuple[str, float]]:
         rows.append(("Ray shutdown", t("ray_stopped") - t("train_done")))
     end = t("ray_stopped") or t("train_done")
     if t("launch") and end:
-        rows.append(("total (launch to end)", end - t("launch")))
+        start = first["launch"].get("process_started") or t("launch")
+        rows.append(("total (process start to end)", end - start))
     return rows
 
 
