@@ -148,7 +148,7 @@ def test_leftover_processes_of_the_run_are_ended(monkeypatch):
     mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        assert cpu_mode.end_leftover_processes(run_id, wait=0.5, grace=5) == [mine.pid]
+        assert cpu_mode.end_leftover_processes(run_id, wait=0.5, grace=5) == {"terminated": [mine.pid], "killed": []}
         assert mine.wait(timeout=10) is not None
         assert other.poll() is None
     finally:

@@ -224,3 +224,14 @@ def test_iapo_eval_reads_the_exported_model(runs):
     assert runs.evaluation.returncode == 0, runs.evaluation.stderr[-2000:]
     assert (runs.a_out / "final" / "config.json").exists()
     assert any((runs.work / "eval").iterdir())
+
+
+@needs_gsm8k
+def test_no_process_outlives_its_run(runs):
+    from iapo_openrlhf.openrlhf import cpu_mode
+
+    for out in (runs.a_out, runs.s_out):
+        for run in _runs(_events(out)):
+            stopped = [e for e in run if e["event"] == "ray_stopped"]
+            assert stopped and stopped[0]["killed"] == [], stopped  # none ignored SIGTERM
+            assert cpu_mode._processes_of_run(run[0]["run"]) == []

@@ -631,10 +631,10 @@ def session(args, env_vars: dict[str, str]):
         if ours:
             ray.shutdown()
             ended = end_leftover_processes(run_id)
-            record_event("ray_stopped")
-            if ended:
-                print(f"iapo-train-ray --cpu: ended {len(ended)} process(es) of this run left after Ray's shutdown: "
-                      f"{ended}", file=sys.stderr)
+            record_event("ray_stopped", **ended)
+            if ended["killed"]:
+                print(f"iapo-train-ray --cpu: killed {len(ended['killed'])} process(es) of this run that ignored SIGTERM "
+                      f"after Ray's shutdown: {ended['killed']}", file=sys.stderr)
     print(phase_table(read_events(events_path, run_id)), file=sys.stderr)
 
 
@@ -653,17 +653,18 @@ def _processes_of_run(run_id: str) -> list:
     return found
 
 
-def end_leftover_processes(run_id: str, wait: float = 15.0, grace: float = 5.0) -> list[int]:
-    """Processes of this run (their environment holds its run id) still alive `wait` s after
-    Ray's shutdown: SIGTERM, then SIGKILL after `grace` s. Ray stops its workers, but vLLM's
-    engine-core and worker processes are children of a Ray worker and survived it when the
-    raylet was killed (seen here: 1.7 GB held until ended by hand). Returns their pids."""
+def end_leftover_processes(run_id: str, wait: float = 3.0, grace: float = 10.0) -> dict[str, list[int]]:
+    """End the processes of this run (their environment holds its run id) still alive `wait` s
+    after Ray's shutdown: SIGTERM, then SIGKILL for those alive `grace` s later. Ray stops its
+    workers, but vLLM's engine-core and worker processes are children of a Ray worker and exit
+    some seconds later, or never: they survived a killed raylet here (1.7 GB held until ended by
+    hand). Returns {"terminated": pids, "killed": pids}."""
     import psutil
 
     deadline = time.time() + wait
     left = _processes_of_run(run_id)
     while left and time.time() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.2)
         left = [p for p in left if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     for proc in left:
         with contextlib.suppress(psutil.Error):
@@ -672,7 +673,7 @@ def end_leftover_processes(run_id: str, wait: float = 15.0, grace: float = 5.0) 
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    return [p.pid for p in left]
+    return {"terminated": [p.pid for p in left], "killed": [p.pid for p in alive]}
 
 
 def read_events(path: str, run_id: str | None = None) -> list[dict[str, Any]]:
