@@ -15,7 +15,10 @@ from typing import Any
 
 import yaml
 
-METHODS = ("iapo", "grpo", "dapo")
+# Every method runs on the same code path (core/methods.py, README "Methods"); its knobs live in
+# the section of its name (gfpo:, gtpo:, sgrpo:, significance:), except ib:, which adds its loss
+# term to any method. IAPO's weights are iapo.alpha / iapo.beta (0 for every other method).
+METHODS = ("iapo", "grpo", "dapo", "gfpo", "gtpo", "sgrpo", "ib", "significance")
 
 
 class ConfigError(ValueError):
@@ -75,6 +78,67 @@ class IapoConfig:
     mi_horizon: int = 1
     mi_decay: float = 1.0
     exploration: str = "prob"
+    shaping_norm: str = "zscore"  # zscore (the paper's formula) | l2 | authors (their released code)
+    # The run's method as the OpenRLHF plugin sees it (--iapo.method). In the YAML the method is the
+    # top-level `method:` key; this one may be left out (null) or must agree with it.
+    method: str | None = None
+
+
+def _knob(default: Any, help: str) -> Any:
+    """A method knob: None in the config means "not given" (so a knob given to another method can
+    be refused); `resolved_section` fills `default`."""
+    return field(default=None, metadata={"default": default, "help": help})
+
+
+@dataclass
+class GfpoConfig:
+    """GFPO: sample G = rollout.n_samples_per_prompt per prompt, train on the k best."""
+
+    keep: int | None = _knob("G // 2 (at least 2)", "responses kept per prompt, k <= rollout.n_samples_per_prompt")
+    metric: str | None = _knob("length", "length: keep the k shortest; reward_per_token: the k with the most reward per token")
+
+
+@dataclass
+class GtpoConfig:
+    """GTPO / GRPO-S: entropy-weighted token (or sequence) rewards."""
+
+    level: str | None = _knob("token", "token: GTPO; sequence: GRPO-S (mean entropy per completion)")
+    reward_weight: float | None = _knob(1.0, "weight w1 of the completion's reward in each token reward")
+    entropy_weight: float | None = _knob(1.0, "weight w2 of the entropy share (bonus if correct, penalty if wrong)")
+
+
+@dataclass
+class SgrpoConfig:
+    """S-GRPO: the loss over a random subset of each completion's tokens."""
+
+    keep_first: int | None = _knob(32, "leading response tokens always in the loss")
+    keep_prob: float | None = _knob(0.3, "chance that each later token is in the loss")
+
+
+@dataclass
+class IbConfig:
+    """Information-bottleneck regularisation: loss -= coef * mean(A_t * H_t); with any method."""
+
+    coef: float | None = _knob("0.005 with method ib, else 0 (off)", "weight of the advantage-weighted entropy term")
+
+
+@dataclass
+class SignificanceConfig:
+    """Significance-aware length reward, with our MI as the significance score."""
+
+    selection: str | None = _knob("fraction", "fraction: the group's lowest-|MI| tokens; threshold: |MI| < threshold")
+    fraction: float | None = _knob(0.5, "share of the group's tokens counted insignificant (selection=fraction)")
+    threshold: float | None = _knob(0.01, "|MI| (nats) below which a token is insignificant (selection=threshold)")
+    coef: float | None = _knob(0.5, "weight of the length reward (+-0.5 per completion before weighting)")
+    schedule: str | None = _knob("dynamic", "dynamic: reward detail early, conciseness later; static: conciseness throughout")
+    switch: float | None = _knob(0.5, "share of training after which conciseness is rewarded (schedule=dynamic)")
+
+
+METHOD_SECTIONS = {"gfpo": GfpoConfig, "gtpo": GtpoConfig, "sgrpo": SgrpoConfig, "ib": IbConfig,
+                   "significance": SignificanceConfig}
+# The methods a section's knobs may be given with (ib: a loss option of every method).
+SECTION_METHODS = {"gfpo": ("gfpo",), "gtpo": ("gtpo",), "sgrpo": ("sgrpo",), "ib": METHODS,
+                   "significance": ("significance",)}
 
 
 @dataclass
@@ -134,6 +198,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     iapo: IapoConfig = field(default_factory=IapoConfig)
     dapo: DapoConfig = field(default_factory=DapoConfig)
+    gfpo: GfpoConfig = field(default_factory=GfpoConfig)
+    gtpo: GtpoConfig = field(default_factory=GtpoConfig)
+    sgrpo: SgrpoConfig = field(default_factory=SgrpoConfig)
+    ib: IbConfig = field(default_factory=IbConfig)
+    significance: SignificanceConfig = field(default_factory=SignificanceConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -153,6 +222,12 @@ CHOICES = {
     "iapo.predict_mode": ("postfix", "next_token"),
     "iapo.mi_smoothing": ("none", "official"),
     "iapo.exploration": ("prob", "entropy"),
+    "iapo.shaping_norm": ("zscore", "l2", "authors"),
+    "iapo.method": METHODS,
+    "gfpo.metric": ("length", "reward_per_token"),
+    "gtpo.level": ("token", "sequence"),
+    "significance.selection": ("fraction", "threshold"),
+    "significance.schedule": ("dynamic", "static"),
     "reward.scheme": ("paper", "correctness", "correctness_pm1"),
     "cluster.param_dtype": ("bf16", "fp16", "fp32"),
     "cluster.zero_stage": (0, 1, 2, 3),
@@ -255,6 +330,8 @@ def validate(cfg: Config, *, local_files: bool = True) -> None:
     for key, choices in CHOICES.items():
         section, _, name = key.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, name)
+        if value is None and (section in METHOD_SECTIONS or key == "iapo.method"):
+            continue  # a knob left out: its default applies
         if value not in choices:
             raise ConfigError(f"{key}: got {value!r}, expected one of {list(choices)}")
     positive = {
@@ -301,7 +378,7 @@ def validate(cfg: Config, *, local_files: bool = True) -> None:
         )
     if not 0 <= cfg.iapo.mi_decay <= 1:
         raise ConfigError(f"iapo.mi_decay: got {cfg.iapo.mi_decay}, expected a number in [0, 1]")
-    if cfg.iapo.predict_mode == "postfix" and cfg.method == "iapo" and not cfg.iapo.postfix:
+    if cfg.iapo.predict_mode == "postfix" and cfg.method in ("iapo", "significance") and not cfg.iapo.postfix:
         raise ConfigError("iapo.postfix: got an empty postfix, expected e.g. '</think><answer>' (or predict_mode=next_token)")
     if any(k < 1 for k in cfg.eval.k):
         raise ConfigError(f"eval.k: got {cfg.eval.k}, expected positive integers")
@@ -319,6 +396,92 @@ def validate(cfg: Config, *, local_files: bool = True) -> None:
             f"dapo.overlong_buffer: got {cfg.dapo.overlong_buffer}, expected < rollout.max_new_tokens "
             f"({cfg.rollout.max_new_tokens})"
         )
+    _validate_methods(cfg)
+
+
+def _given(cfg: Config, section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(METHOD_SECTIONS[section]) if getattr(getattr(cfg, section), f.name) is not None]
+
+
+def _validate_methods(cfg: Config) -> None:
+    """Method knobs: given only with their method, in range, and no option of another option."""
+    if cfg.iapo.method is not None and cfg.iapo.method != cfg.method:
+        raise ConfigError(f"iapo.method: got {cfg.iapo.method!r} with method {cfg.method!r}, expected the same method "
+                          "(set it once, with the top-level key `method:`)")
+    for section, owners in SECTION_METHODS.items():
+        given = _given(cfg, section)
+        if given and cfg.method not in owners:
+            raise ConfigError(f"{section}.{given[0]}: set, but the method is {cfg.method!r}; {section}.* applies to "
+                              f"method {section!r} only (set method: {section}, or drop the key)")
+    g = cfg.rollout.n_samples_per_prompt
+    keep = cfg.gfpo.keep
+    if keep is not None and keep < 2:
+        raise ConfigError(f"gfpo.keep: got {keep}, expected an integer >= 2 (the kept responses are the group "
+                          "whose rewards are normalised)")
+    if keep is not None and keep > g:
+        raise ConfigError(f"gfpo.keep: got {keep}, expected <= rollout.n_samples_per_prompt ({g}), the responses "
+                          "sampled per prompt (GFPO keeps k of the G it samples)")
+    non_negative = {"gtpo.reward_weight": cfg.gtpo.reward_weight, "gtpo.entropy_weight": cfg.gtpo.entropy_weight,
+                    "ib.coef": cfg.ib.coef, "significance.coef": cfg.significance.coef,
+                    "significance.threshold": cfg.significance.threshold}
+    for key, value in non_negative.items():
+        if value is not None and not value >= 0:
+            raise ConfigError(f"{key}: got {value}, expected a value >= 0")
+    gtpo = resolved_section(cfg, "gtpo")
+    if cfg.method == "gtpo" and gtpo.reward_weight == 0 and gtpo.entropy_weight == 0:
+        raise ConfigError("gtpo.reward_weight, gtpo.entropy_weight: both 0, expected at least one > 0 (all advantages would be 0)")
+    if cfg.sgrpo.keep_first is not None and cfg.sgrpo.keep_first < 1:
+        raise ConfigError(f"sgrpo.keep_first: got {cfg.sgrpo.keep_first}, expected an integer >= 1 "
+                          "(every completion keeps its first tokens in the loss)")
+    for key, value in {"sgrpo.keep_prob": cfg.sgrpo.keep_prob, "significance.fraction": cfg.significance.fraction,
+                       "significance.switch": cfg.significance.switch}.items():
+        if value is not None and not 0 <= value <= 1:
+            raise ConfigError(f"{key}: got {value}, expected a number in [0, 1]")
+    sig = resolved_section(cfg, "significance")
+    for knob, option, needed in (("threshold", "selection", "threshold"), ("fraction", "selection", "fraction"),
+                                 ("switch", "schedule", "dynamic")):
+        if getattr(cfg.significance, knob) is not None and getattr(sig, option) != needed:
+            raise ConfigError(f"significance.{knob}: set with significance.{option}={getattr(sig, option)}, "
+                              f"expected significance.{option}: {needed} (or drop the key)")
+
+
+def resolved_section(cfg: Config, section: str) -> Any:
+    """The method section with every knob left out replaced by its default (see the dataclasses)."""
+    cls = METHOD_SECTIONS[section]
+    current = getattr(cfg, section)
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(current, f.name)
+        if value is None:
+            value = f.metadata["default"]
+            if (section, f.name) == ("gfpo", "keep"):
+                value = max(2, cfg.rollout.n_samples_per_prompt // 2)
+            elif (section, f.name) == ("ib", "coef"):
+                value = 0.005 if cfg.method == "ib" else 0.0
+        values[f.name] = value
+    return cls(**values)
+
+
+def ib_coef(cfg: Config) -> float:
+    """Weight of the IB loss term actually used (0: off)."""
+    return float(resolved_section(cfg, "ib").coef)
+
+
+def group_size(cfg: Config) -> int:
+    """Completions per prompt in the update: GFPO's k, otherwise the G sampled."""
+    return resolved_section(cfg, "gfpo").keep if cfg.method == "gfpo" else cfg.rollout.n_samples_per_prompt
+
+
+def needs_mi(cfg: Config) -> bool:
+    """Whether the MI estimator's pass runs (IAPO with alpha != 0, the significance reward)."""
+    return cfg.method == "significance" or effective_weights(cfg)[0] != 0
+
+
+def needs_entropy(cfg: Config) -> bool:
+    """Whether the policy's next-token entropy of every response token is needed (GTPO / GRPO-S,
+    IAPO's entropy exploration term)."""
+    alpha, beta = effective_weights(cfg)
+    return cfg.method == "gtpo" or (beta != 0 and cfg.iapo.exploration == "entropy")
 
 
 def effective_weights(cfg: Config) -> tuple[float, float]:

@@ -7,12 +7,26 @@ nodes with `srun`, waits until Ray reports every node, CPU and GPU (`iapo-slurm 
 runs `iapo-train-ray` (or `iapo-train` with `--backend local`), stops Ray and exits with the
 training's exit code; on SIGTERM it requeues itself and the next run resumes from the last
 checkpoint. Every problem found before submission is one line on stderr and exit code 2.
+
+Networking: every node starts Ray on an address chosen explicitly (`iapo-slurm node-ip`, below):
+the address of `--ifname` on that node, else the source address of the node's route towards the
+head (the head's: towards the first worker's SLURM NodeAddr). `--env KEY=VALUE` (and `--ifname`,
+for NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME) reaches every process: the job exports it before
+the Ray steps start, so the raylets, every Ray actor they fork and the training driver see it.
+
+Offline compute nodes: `iapo-slurm prefetch` downloads the run's models and hub datasets into a
+cache on the login node (iapo_openrlhf/hub.py); `submit` checks they are there and runs the job
+with HF_HOME on that cache and the hub offline. `submit --preflight` runs `iapo-slurm probe`
+instead of the training: one Ray actor per node reports its address, environment and model
+cache, and a gloo all-reduce crosses the nodes.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import ipaddress
+import json
 import os
 import re
 import shlex
@@ -22,9 +36,12 @@ import string
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from . import hub
 
 
 PROG = "iapo-slurm"
@@ -44,6 +61,12 @@ TRAIN_COMMAND = {"ray": "iapo-train-ray", "local": "iapo-train"}
 TIME_RE = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$")
 # #SBATCH values are not parsed by a shell: keep them to characters that need no quoting.
 SAFE_VALUE_RE = re.compile(r"^[A-Za-z0-9_.,:/+@=-]+$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,15}$")  # Linux interface names (IFNAMSIZ 16 with the NUL)
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Set from --ifname unless --env names them: the interface of NCCL's and Gloo's sockets.
+IFNAME_ENV = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")
+# Set by the job itself: --env may not override them.
+RESERVED_ENV = ("PATH", "RAY_ADDRESS", "IAPO_JOB_ENV")
 
 
 class UsageError(Exception):
@@ -62,8 +85,8 @@ class _Parser(argparse.ArgumentParser):
 
 # -- the config --------------------------------------------------------------------------------
 
-def _read_config(path: str, sets: list[str], backend: str) -> tuple[str, dict[str, Any], str]:
-    """Validate the config as the training will (load_config); (output.dir, cluster section, device)."""
+def _read_config(path: str, sets: list[str], backend: str) -> tuple[str, dict[str, Any], str, Any]:
+    """Validate the config as the training will (load_config); (output.dir, cluster section, device, config)."""
     import dataclasses
 
     from .config import ConfigError, load_config
@@ -73,7 +96,7 @@ def _read_config(path: str, sets: list[str], backend: str) -> tuple[str, dict[st
         cfg = load_config(path, sets, local_files=backend == "local")
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    return cfg.output.dir, dataclasses.asdict(cfg.cluster), cfg.device
+    return cfg.output.dir, dataclasses.asdict(cfg.cluster), cfg.device, cfg
 
 
 def _defaults(args: argparse.Namespace, cluster: dict[str, Any], device: str) -> tuple[int, int]:
@@ -116,6 +139,30 @@ def _submit_parser() -> _Parser:
                    help="an extra #SBATCH option, e.g. --sbatch=--qos=high (repeatable)")
     p.add_argument("--ray-timeout", type=int, default=DEFAULT_RAY_TIMEOUT,
                    help=f"seconds to wait for Ray to report every node and GPU (default {DEFAULT_RAY_TIMEOUT})")
+    p.add_argument("--ray-arg", action="append", default=[], metavar="OPTION",
+                   help="an extra option for `ray start` on every node, e.g. --ray-arg=--object-store-memory=2000000000 "
+                   "(repeatable)")
+    p.add_argument("--ray-head-arg", action="append", default=[], metavar="OPTION",
+                   help="an extra option for the head's `ray start` only, e.g. --ray-head-arg=--dashboard-host=0.0.0.0 "
+                   "or --ray-head-arg=--include-dashboard=false (repeatable)")
+    p.add_argument("--ifname", metavar="INTERFACE",
+                   help="network interface whose IPv4 address each node's Ray uses (e.g. ib0); also sets "
+                   "NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME unless --env does (default: the interface "
+                   "each node reaches the head through; NCCL/Gloo choose their own)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for every process of the job (Ray head and workers, hence "
+                   "every Ray actor, and the training driver), e.g. --env NCCL_IB_HCA=mlx5_0 (repeatable)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="Hugging Face cache (HF_HOME) on a filesystem the compute nodes mount, filled by "
+                   "`iapo-slurm prefetch` (default: $HF_HOME, else ~/.cache/huggingface)")
+    p.add_argument("--online", action="store_true",
+                   help="compute nodes can reach the hub: no HF_HUB_OFFLINE and no check that the model is cached "
+                   "(default: the job runs offline, and submit refuses a model that is not a local directory "
+                   "or in --cache-dir)")
+    p.add_argument("--preflight", action="store_true",
+                   help="instead of training, check the cluster: Ray on every node, each node's address, the job's "
+                   "environment and model cache on every node, a gloo all-reduce across the nodes (exit 0 when "
+                   "all hold); --gpus-per-node 0 is then allowed")
     p.add_argument("--template", default=str(TEMPLATE), help="the sbatch template (default: slurm/job.sbatch.template)")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="ray backend: run iapo-train-ray --dry-run on the config before submitting (default on)")
@@ -147,7 +194,7 @@ def build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     config = Path(args.config)
     if not config.is_file():
         raise UsageError(f"--config {args.config}: no such file, expected a YAML config (see configs/)")
-    output_dir, cluster, device = _read_config(str(config), args.set, args.backend)
+    output_dir, cluster, device, cfg = _read_config(str(config), args.set, args.backend)
     nodes, gpus = _defaults(args, cluster, device)
     _positive("--nodes", nodes)
     _positive("--gpus-per-node", gpus, 0)
@@ -155,10 +202,12 @@ def build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     _positive("--ray-timeout", args.ray_timeout)
     if args.backend == "local" and nodes != 1:
         raise UsageError(f"--nodes {nodes}: --backend local runs one process on one node, expected --nodes 1")
-    if args.backend == "ray":
+    if args.preflight and args.backend != "ray":
+        raise UsageError("--preflight checks the Ray cluster of --backend ray jobs, expected --backend ray")
+    if args.backend == "ray" and not args.preflight:  # a preflight may run on another layout, or without GPUs
         if gpus < 1:
             raise UsageError("--gpus-per-node 0: --backend ray runs OpenRLHF, which needs GPUs; "
-                             "use --backend local for a CPU-only job")
+                             "use --backend local for a CPU-only job (or --preflight to check the cluster)")
         for key, value in (("nodes", nodes), ("gpus_per_node", gpus)):
             if key in cluster and int(cluster[key]) != value:
                 flag = "--" + key.replace("_", "-")
@@ -175,6 +224,12 @@ def build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     for option in args.sbatch:
         if not option.startswith("-") or any(c.isspace() for c in option):
             raise UsageError(f"--sbatch {option!r}: expected one sbatch option like --qos=high (no spaces)")
+    for flag, options in (("--ray-arg", args.ray_arg), ("--ray-head-arg", args.ray_head_arg)):
+        for option in options:
+            if not option.startswith("--"):
+                raise UsageError(f"{flag} {option!r}: expected one `ray start` option like --object-store-memory=N")
+    cache_dir = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else hub.default_cache_dir().resolve()
+    job_env = _job_env(args, cache_dir)
 
     template = Path(args.template)
     if not template.is_file():
@@ -223,12 +278,39 @@ def build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     ]
     sbatch += args.sbatch
 
-    train = [str(scripts / TRAIN_COMMAND[args.backend]), "--config", str(config.resolve())]
-    for override in args.set:
-        train += ["--set", override]
-    if args.backend == "local":
-        train.append("--quiet")  # progress bars do not belong in a log file; metrics.jsonl has every step
-    train += args.train_args
+    # What the run reads from the hub (ray backend; the local backend reads local files only): with
+    # offline compute nodes each model must be a local directory or in the cache now.
+    items: list[hub.Need] = []
+    if args.backend == "ray":
+        try:
+            items = hub.needs(cfg, args.train_args)
+            if not args.online:
+                same = ["--config", args.config, *(a for s in args.set for a in ("--set", s))]
+                same += ["--cache-dir", str(cache_dir)] if args.cache_dir else []
+                same += ["--", *args.train_args] if args.train_args else []
+                fix = (f"run `{PROG} prefetch {shlex.join(same)}` on this node first "
+                       "(or pass --online where compute nodes reach the hub)")
+                hub.check_available(items, cache_dir, fix)
+        except hub.NeedError as e:
+            raise UsageError(str(e)) from None
+
+    if args.preflight:
+        train = [sys.executable, "-m", "iapo_openrlhf.slurm", "probe", "--nodes", str(nodes),
+                 "--report-dir", str(log_dir)]
+        if args.ifname:
+            train += ["--ifname", args.ifname]
+        if args.online:
+            train.append("--online")
+        for need in items:
+            if need.kind == "model":
+                train += ["--model", need.name]
+    else:
+        train = [str(scripts / TRAIN_COMMAND[args.backend]), "--config", str(config.resolve())]
+        for override in args.set:
+            train += ["--set", override]
+        if args.backend == "local":
+            train.append("--quiet")  # progress bars do not belong in a log file; metrics.jsonl has every step
+        train += args.train_args
 
     values = {
         "SBATCH_LINES": "\n".join(f"#SBATCH {line}" for line in sbatch),
@@ -243,21 +325,55 @@ def build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         "RAY_TIMEOUT": str(args.ray_timeout),
         "RAY_STOP_ALL": "1" if exclusive else "0",
         "TRAIN_CMD": " ".join(shlex.quote(a) for a in train),
+        "RUN_LABEL": "preflight" if args.preflight else "training",
+        "IFNAME": shlex.quote(args.ifname or ""),
+        "JOB_ENV": " ".join(shlex.quote(f"{key}={value}") for key, value in job_env.items()),
+        "RAY_ARGS": " ".join(shlex.quote(a) for a in args.ray_arg),
+        "RAY_HEAD_ARGS": " ".join(shlex.quote(a) for a in args.ray_head_arg),
     }
     try:
         script = _Template(template.read_text(encoding="utf-8")).substitute(values)
     except (KeyError, ValueError) as e:
         raise UsageError(f"--template {template}: bad placeholder {e} (known: {', '.join(sorted(values))})") from None
-    return script, {"job_name": job_name, "log_dir": log_dir, "config": config, "workdir": workdir}
+    return script, {"job_name": job_name, "log_dir": log_dir, "config": config, "workdir": workdir,
+                    "job_env": job_env}
 
 
-def _check_ray_config(args: argparse.Namespace) -> None:
-    """Run the training command's own dry run, so that OpenRLHF's checks fail here, not in the queue."""
+def _job_env(args: argparse.Namespace, cache_dir: Path) -> dict[str, str]:
+    """The variables the job exports to every process: the hub cache (offline unless --online),
+    NCCL/Gloo interfaces from --ifname, then --env (which wins)."""
+    env = hub.job_env(cache_dir, offline=not args.online)
+    user: dict[str, str] = {}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not ENV_NAME_RE.match(key):
+            raise UsageError(f"--env {item}: expected KEY=VALUE with KEY letters, digits and _ (e.g. NCCL_IB_HCA=mlx5_0)")
+        if key in RESERVED_ENV or key.startswith("SLURM_"):
+            raise UsageError(f"--env {key}: set by the job itself, expected another variable")
+        user[key] = value
+    if args.ifname is not None:
+        if not IFNAME_RE.match(args.ifname):
+            raise UsageError(f"--ifname {args.ifname}: expected a network interface name like ib0 or eth0 "
+                             "(at most 15 letters, digits and _.:@-)")
+        here = [name for _, name in socket.if_nameindex()]
+        if args.ifname not in here:
+            print(f"{PROG}: warning: --ifname {args.ifname}: no such interface on this node (it has {', '.join(here)}); "
+                  "each compute node looks it up when the job starts, and the job fails (exit 3) on a node "
+                  "without it", file=sys.stderr)
+        for key in IFNAME_ENV:
+            env[key] = args.ifname
+    env.update(user)
+    return env
+
+
+def _check_ray_config(args: argparse.Namespace, env: dict[str, str]) -> None:
+    """Run the training command's own dry run, so that OpenRLHF's checks fail here, not in the queue.
+    It runs with the job's environment: offline, the tokenizer comes from the cache (postfix check)."""
     cmd = [str(_scripts_dir() / TRAIN_COMMAND["ray"]), "--config", args.config]
     for override in args.set:
         cmd += ["--set", override]
     cmd += [*args.train_args, "--dry-run"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
     if result.returncode != 0:
         lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
         reason = lines[-1] if lines else f"exit code {result.returncode}"
@@ -271,7 +387,7 @@ def submit(argv: list[str]) -> int:
     if sbatch is None and not args.dry_run:
         raise UsageError("sbatch not found on PATH: run on a SLURM login node (or use --dry-run to see the script)")
     if args.backend == "ray" and args.check:
-        _check_ray_config(args)
+        _check_ray_config(args, facts["job_env"])
     if args.dry_run:
         sys.stdout.write(script)
         return 0
@@ -337,13 +453,41 @@ def _reachable(address: str) -> bool:
         return False
 
 
+class _RayPoller(threading.Thread):
+    """Connects to Ray and reads the alive nodes every `interval` s, in a thread of its own: a Ray
+    call can block for minutes when the head dies under it (ray.init retries the GCS), and the
+    caller must still notice a Ray step's exit or its deadline."""
+
+    def __init__(self, address: str, interval: float):
+        super().__init__(daemon=True)
+        self.address, self.interval = address, interval
+        self.nodes: list[dict] | None = None
+        self.error: str | None = None
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        import ray
+
+        try:
+            ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
+            try:
+                while not self.halt.is_set():
+                    self.nodes = [n for n in ray.nodes() if n.get("Alive")]
+                    self.halt.wait(self.interval)
+            finally:
+                ray.shutdown()
+        except Exception as e:  # noqa: BLE001 - reported by the caller in one line
+            self.error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+
+
 def wait_ray(argv: list[str]) -> int:
     args = _wait_parser().parse_args(argv)
     start = time.monotonic()
     deadline = start + args.timeout
     status = "the head is not reachable yet"
-    connected = False
+    poller: _RayPoller | None = None
     last_report = start
+    code = 1
     try:
         while True:
             for pid in args.pid:
@@ -352,34 +496,361 @@ def wait_ray(argv: list[str]) -> int:
                 except ProcessLookupError:
                     print(f"{PROG} wait-ray: error: a Ray step (pid {pid}) exited; Ray reports {status}",
                           file=sys.stderr, flush=True)
-                    return 1
+                    return code
                 except PermissionError:
                     pass
-            if not connected and _reachable(args.address):
-                import ray
-
-                ray.init(address=args.address, logging_level="ERROR", log_to_driver=False)
-                connected = True
-            if connected:
-                alive = [n for n in ray.nodes() if n.get("Alive")]
+            if poller is None and _reachable(args.address):
+                poller = _RayPoller(args.address, args.interval)
+                poller.start()
+                status = "the head is reachable, connecting"
+            if poller is not None and poller.error:
+                print(f"{PROG} wait-ray: error: Ray at {args.address}: {poller.error}", file=sys.stderr, flush=True)
+                return code
+            alive = poller.nodes if poller is not None else None
+            if alive is not None:
                 cpus = sum(n["Resources"].get("CPU", 0) for n in alive)
                 gpus = sum(n["Resources"].get("GPU", 0) for n in alive)
                 status = _summary(len(alive), cpus, gpus, args)
                 if len(alive) >= args.nodes and cpus >= args.cpus and gpus >= args.gpus:
-                    print(f"Ray cluster ready after {time.monotonic() - start:.0f}s: {status}", flush=True)
-                    return 0
+                    addresses = ", ".join(sorted(str(n.get("NodeManagerAddress")) for n in alive))
+                    print(f"Ray cluster ready after {time.monotonic() - start:.0f}s: {status}; node addresses "
+                          f"{addresses}", flush=True)
+                    code = 0
+                    return code
             now = time.monotonic()
             if now >= deadline:
                 print(f"{PROG} wait-ray: error: timed out after {args.timeout:g}s: Ray at {args.address} "
                       f"reports {status}", file=sys.stderr, flush=True)
-                return 1
+                return code
             if now - last_report >= 10:
                 print(f"waiting for Ray: {status}", flush=True)
                 last_report = now
             time.sleep(args.interval)
     finally:
-        if connected:
-            ray.shutdown()
+        if poller is not None:
+            poller.halt.set()
+            poller.join(10)
+            if poller.is_alive():  # stuck in a Ray call on a dead head: do not wait for it
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+
+
+# -- prefetch (on the login node) ------------------------------------------------------------------
+
+def _prefetch_parser() -> _Parser:
+    p = _Parser(prog=f"{PROG} prefetch",
+                description="Download the models and hub datasets a run reads into the cache its job will read "
+                            "offline (run it on the login node; the cache must be on a filesystem the compute "
+                            "nodes mount).")
+    p.add_argument("--config", required=True, help="the YAML config (the same file as for submit)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, as for submit (repeatable)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="the cache (HF_HOME) to fill (default: $HF_HOME, else ~/.cache/huggingface); pass the "
+                        "same to submit")
+    p.add_argument("train_args", nargs="*", metavar="-- TRAINING_ARGS",
+                   help="after --: the training options given to submit (e.g. --reward.model_name_or_path ...)")
+    return p
+
+
+def prefetch(argv: list[str]) -> int:
+    args = _prefetch_parser().parse_args(argv)
+    if not Path(args.config).is_file():
+        raise UsageError(f"--config {args.config}: no such file, expected a YAML config (see configs/)")
+    *_, cfg = _read_config(args.config, args.set, "ray")
+    cache_dir = Path(args.cache_dir).expanduser().resolve() if args.cache_dir else hub.default_cache_dir().resolve()
+    try:
+        items = hub.needs(cfg, args.train_args)
+    except hub.NeedError as e:
+        raise UsageError(str(e)) from None
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--cache-dir {cache_dir}: cannot create it ({e.strerror})") from None
+    if not os.access(cache_dir, os.W_OK):
+        raise UsageError(f"--cache-dir {cache_dir}: not writable")
+    print(f"{PROG} prefetch: {len(items)} item(s) for {args.config} into {cache_dir}", flush=True)
+    try:
+        hub.prefetch(items, cache_dir)
+    except hub.NeedError as e:
+        print(f"{PROG} prefetch: error: {e}", file=sys.stderr)
+        return 1
+    same = ["--config", args.config, *(a for s in args.set for a in ("--set", s))]
+    same += ["--cache-dir", str(cache_dir)] if args.cache_dir else []
+    print(f"{PROG} prefetch: done; the job reads them offline from {cache_dir}: "
+          f"{PROG} submit {shlex.join(same)} ...", flush=True)
+    return 0
+
+
+# -- node-ip (runs inside the job, on every node) ---------------------------------------------------
+
+SIOCGIFADDR = 0x8915
+DEFAULT_ROUTE_PROBE = "8.8.8.8"  # as Ray does: only the route to it is looked up, nothing is sent
+
+
+def interface_addresses() -> dict[str, str | None]:
+    """This node's interfaces and their (primary) IPv4 address, None for an interface without one."""
+    import fcntl
+    import struct
+
+    result: dict[str, str | None] = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+                result[name] = socket.inet_ntoa(packed[20:24])
+            except OSError:
+                result[name] = None
+    return result
+
+
+def source_address(destination: str) -> str:
+    """The address this node sends from to reach `destination` (the kernel's route; nothing is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((destination, 9))
+        return s.getsockname()[0]
+
+
+def _resolve(host: str, what: str) -> str:
+    try:
+        return socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
+    except (OSError, IndexError):
+        raise UsageError(f"{what} {host}: cannot resolve it to an IPv4 address") from None
+
+
+def _node_addr(node: str) -> str:
+    """SLURM's NodeAddr of `node` (what slurmctld and srun reach it at), as an IPv4 address."""
+    result = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True)
+    match = re.search(r"\bNodeAddr=(\S+)", result.stdout)
+    if result.returncode != 0 or not match:
+        reason = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
+        raise UsageError(f"--towards-node {node}: scontrol show node did not give its NodeAddr ({reason})")
+    return _resolve(match.group(1), f"NodeAddr of {node}:")
+
+
+def _node_ip_parser() -> _Parser:
+    p = _Parser(prog=f"{PROG} node-ip",
+                description="Inside the job: the address this node's Ray uses, printed as 'ADDRESS INTERFACE', "
+                            "or with --exec appended to a command as --node-ip-address=ADDRESS.")
+    p.add_argument("--ifname", help="the address of this interface (an error on a node without it)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--towards", metavar="HOST", help="else the source address of the route to HOST")
+    where.add_argument("--towards-node", metavar="NODE", help="else the route to this SLURM node's NodeAddr")
+    p.add_argument("--exec", dest="command", nargs=argparse.REMAINDER,
+                   help="exec this command with --node-ip-address=ADDRESS appended (the rest of the line)")
+    return p
+
+
+def choose_node_ip(ifname: str | None, towards: str | None) -> tuple[str, str | None]:
+    """(address, interface): the IPv4 address of `ifname`, else of the interface routing to `towards`."""
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    addresses = interface_addresses()
+    if ifname:
+        if ifname not in addresses:
+            raise UsageError(f"--ifname {ifname}: no such interface on node {node} (it has {', '.join(addresses)})")
+        if addresses[ifname] is None:
+            raise UsageError(f"--ifname {ifname}: no IPv4 address on node {node}")
+        return addresses[ifname], ifname
+    if towards is None:
+        raise UsageError("expected --ifname, --towards HOST or --towards-node NODE")
+    try:
+        ip = source_address(towards)
+    except OSError as e:
+        raise UsageError(f"node {node} has no route to {towards} ({e.strerror}): pass --ifname") from None
+    if ipaddress.ip_address(ip).is_loopback:
+        # `towards` is this node (a one-node job whose NodeAddr is loopback): Ray would replace a
+        # loopback address by the one with the default route; say so by choosing that one here.
+        try:
+            ip = source_address(DEFAULT_ROUTE_PROBE)
+        except OSError:
+            pass
+    return ip, next((name for name, addr in addresses.items() if addr == ip), None)
+
+
+def node_ip(argv: list[str]) -> int:
+    args = _node_ip_parser().parse_args(argv)
+    towards = args.towards
+    if args.towards_node and not args.ifname:
+        towards = _node_addr(args.towards_node)
+    elif towards is not None:
+        towards = _resolve(towards, "--towards")
+    ip, interface = choose_node_ip(args.ifname, towards)
+    if not args.command:
+        print(ip, interface or "-", flush=True)
+        return 0
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    how = f"interface {args.ifname}" if args.ifname else f"interface {interface or '?'}, the route to {towards}"
+    print(f"{PROG} node-ip: node {node}: Ray address {ip} ({how})", flush=True)
+    command = [*args.command, f"--node-ip-address={ip}"]
+    # vLLM's processes find their node's address in VLLM_HOST_IP, else by a route to 8.8.8.8
+    # (another interface, or none on nodes without a default route): the Ray address, per node.
+    env = {**os.environ, "VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP") or ip}
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as e:
+        raise UsageError(f"--exec {command[0]}: {e.strerror}") from None
+    return 1  # not reached
+
+
+# -- probe (the preflight job's phase 3) --------------------------------------------------------------
+
+def _probe_parser() -> _Parser:
+    p = _Parser(prog=f"{PROG} probe",
+                description="Inside a preflight job (RAY_ADDRESS set): one Ray actor per node reports its address, "
+                            "the job's environment and model cache; then a gloo all-reduce across the nodes.")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--ifname", help="the interface every node's Ray address must be on")
+    p.add_argument("--model", action="append", default=[], help="a model each node must find (directory or hub name)")
+    p.add_argument("--online", action="store_true", help="a model missing from the cache is not an error")
+    p.add_argument("--report-dir", help="write <job name>-<job id>-preflight.json here")
+    p.add_argument("--timeout", type=float, default=180, help="seconds for each round of the probe")
+    return p
+
+
+def _probe_node(names: list[str], models: list[str]) -> dict[str, Any]:
+    """On one node (inside a Ray actor): what the training's actors there would see."""
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    addresses = interface_addresses()
+    hub_cache = Path(os.environ.get("HF_HUB_CACHE") or hub.default_cache_dir() / "hub")
+    found = {}
+    for name in models:
+        local = os.path.isdir(name)
+        directory = Path(name) if local else hub.snapshot_dir(name, hub_cache)
+        if directory is None:
+            found[name] = f"not in the cache {hub_cache}"
+        else:
+            missing = hub.missing_model_files(directory)
+            found[name] = f"missing {', '.join(missing)} in {directory}" if missing else "ok"
+    return {
+        "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+        "ip": ip,
+        "interface": next((n for n, a in addresses.items() if a == ip), None),
+        "env": {name: os.environ.get(name) for name in names},
+        "vllm_host_ip": os.environ.get("VLLM_HOST_IP"),
+        "models": found,
+        "pid": os.getpid(),
+    }
+
+
+def _gloo_allreduce(master: str, port: int, rank: int, world: int, interface: str | None) -> dict[str, Any]:
+    """One rank of a gloo all-reduce; GLOO_SOCKET_IFNAME as the job set it, else the Ray interface."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    given = os.environ.get("GLOO_SOCKET_IFNAME")
+    if not given and interface:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface  # this actor process only
+    dist.init_process_group("gloo", init_method=f"tcp://{master}:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        value = torch.tensor([float(rank + 1)])
+        dist.all_reduce(value)
+    finally:
+        dist.destroy_process_group()
+    return {"rank": rank, "sum": value.item(), "gloo_ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
+            "from_job": bool(given)}
+
+
+def _free_port_on(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+def probe(argv: list[str]) -> int:
+    args = _probe_parser().parse_args(argv)
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    names = os.environ.get("IAPO_JOB_ENV", "").split()
+    expected = {name: os.environ.get(name) for name in names}  # this process is the job's driver
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level="ERROR", log_to_driver=False)
+    problems: list[str] = []
+    report: dict[str, Any] = {"driver_env": expected, "nodes": [], "gloo": None, "problems": problems}
+    unset = [name for name, value in expected.items() if value is None]
+    if unset:
+        problems.append(f"the driver lacks the job's {', '.join(unset)}")
+    try:
+        alive = [n for n in ray.nodes() if n.get("Alive")]
+        if len(alive) != args.nodes:
+            problems.append(f"Ray reports {len(alive)} node(s), expected {args.nodes}")
+
+        @ray.remote(num_cpus=0)
+        class Probe:  # the functions come from the installed package on each node (not from __main__)
+            def facts(self, names, models):
+                from iapo_openrlhf.slurm import _probe_node
+
+                return _probe_node(names, models)
+
+            def free_port(self, ip):
+                from iapo_openrlhf.slurm import _free_port_on
+
+                return _free_port_on(ip)
+
+            def allreduce(self, master, port, rank, world, interface):
+                from iapo_openrlhf.slurm import _gloo_allreduce
+
+                return _gloo_allreduce(master, port, rank, world, interface)
+
+        actors = [Probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+                  for n in alive]
+        facts = ray.get([a.facts.remote(names, args.model) for a in actors], timeout=args.timeout)
+        report["nodes"] = facts
+        for f in facts:
+            checks = []
+            wrong = {k: v for k, v in f["env"].items() if v != expected[k]}
+            checks.append("environment: " + ("; ".join(f"{k}={v!r}, the job set {expected[k]!r}" for k, v in wrong.items())
+                                             if wrong else f"all {len(names)} job variables as set"))
+            if args.ifname and f["interface"] != args.ifname:
+                problems.append(f"node {f['node']}: Ray address {f['ip']} is on {f['interface']}, expected {args.ifname}")
+            if f["vllm_host_ip"] != f["ip"]:
+                problems.append(f"node {f['node']}: VLLM_HOST_IP is {f['vllm_host_ip']}, expected the Ray address {f['ip']}")
+            for model, state in f["models"].items():
+                checks.append(f"model {model}: {state}")
+                if state != "ok" and not (args.online and state.startswith("not in the cache")):
+                    problems.append(f"node {f['node']}: model {model}: {state}")
+            if wrong:
+                problems.append(f"node {f['node']}: environment differs: {', '.join(sorted(wrong))}")
+            print(f"probe: node {f['node']}: Ray address {f['ip']} (interface {f['interface']}); " + "; ".join(checks),
+                  flush=True)
+        ips = [f["ip"] for f in facts]
+        if len(set(ips)) != len(ips):
+            problems.append(f"nodes share a Ray address: {ips}")
+        if facts:
+            port = ray.get(actors[0].free_port.remote(facts[0]["ip"]), timeout=args.timeout)
+            world = len(actors)
+            results = ray.get([a.allreduce.remote(facts[0]["ip"], port, rank, world, f["interface"])
+                               for rank, (a, f) in enumerate(zip(actors, facts))], timeout=args.timeout)
+            want = world * (world + 1) / 2
+            report["gloo"] = results
+            sums = {r["sum"] for r in results}
+            ifnames = sorted({str(r["gloo_ifname"]) for r in results})
+            source = "GLOO_SOCKET_IFNAME from the job" if all(r["from_job"] for r in results) else "the Ray interface"
+            line = (f"probe: gloo all-reduce across {world} node(s) via {facts[0]['ip']}:{port} over {', '.join(ifnames)} "
+                    f"({source}): sum {', '.join(f'{v:g}' for v in sorted(sums))}, expected {want:g}")
+            print(line, flush=True)
+            if sums != {want}:
+                problems.append(line)
+    except Exception as e:  # noqa: BLE001 - a failed probe is a finding, reported in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        problems.append(f"{type(e).__name__}: {first}")
+    finally:
+        ray.shutdown()
+    if args.report_dir:
+        name = f"{os.environ.get('SLURM_JOB_NAME', 'iapo')}-{os.environ.get('SLURM_JOB_ID', 'nojob')}-preflight.json"
+        try:
+            Path(args.report_dir, name).write_text(json.dumps(report, indent=1, default=str))
+        except OSError as e:
+            problems.append(f"cannot write the report in {args.report_dir} ({e.strerror})")
+    for problem in problems:
+        print(f"{PROG} probe: error: {problem}", file=sys.stderr, flush=True)
+    print(f"probe: {'FAILED' if problems else 'passed'}: {len(report['nodes'])} node(s)", flush=True)
+    return 1 if problems else 0
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -391,9 +862,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
-        print(f"       {PROG} wait-ray ...   (used inside the job)")
+        print(f"       {PROG} prefetch --config FILE [--cache-dir DIR] [-- TRAINING_ARGS]   ({PROG} prefetch --help)")
+        print(f"       {PROG} wait-ray | node-ip | probe ...   (used inside the job)")
         return 0
-    commands = {"submit": submit, "wait-ray": wait_ray}
+    commands = {"submit": submit, "prefetch": prefetch, "wait-ray": wait_ray, "node-ip": node_ip, "probe": probe}
     try:
         if not argv:
             raise UsageError(f"expected a command: {PROG} submit --config FILE ... ({PROG} submit --help)")

@@ -120,6 +120,7 @@ import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from iapo_openrlhf.core.mi import answer_entropy
+from iapo_openrlhf.profiling import CollectiveCounter
 
 MODEL_CONFIG: dict[str, Any] = dict(
     vocab_size=32000,
@@ -512,133 +513,6 @@ def check_targets(rows: list[Row], postfix_len: int) -> list[dict[str, str]]:
 # "tp1*": the plain model in one process; "tpN*": the AutoTP engine on N ranks (N = --tp).
 TP_CASES = ("tp1", "tp1_same_cores", "tpN_replicated_head", "tpN_vocab_parallel_head")
 TP_DEFAULT_LENGTHS = (512,)
-COLLECTIVE_OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor")
-
-
-def _nbytes(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, (list, tuple)):
-        return sum(_nbytes(t) for t in x)
-    return 0
-
-
-def _wire_bytes(op: str, payload: int, world: int) -> float:
-    """Bytes one rank sends in a ring implementation: all-reduce 2 (p-1)/p n (reduce-scatter then
-    all-gather of n bytes), all-gather (p-1)/p n_out, reduce-scatter (p-1)/p n_in, broadcast n."""
-    if world <= 1:
-        return 0.0
-    if op in ("all_reduce", "inference_all_reduce"):
-        return 2 * (world - 1) / world * payload
-    if op in ("all_gather", "all_gather_into_tensor", "reduce_scatter_tensor"):
-        return (world - 1) / world * payload
-    return float(payload)
-
-
-class CollectiveCounter:
-    """Counts what collectives move, by wrapping them in this process (no library code changed).
-
-    Two levels: DeepSpeed's comm backend (`deepspeed.comm.torch.TorchBackend`, which AutoTP's
-    layers call, and whose `inference_all_reduce` may take a shared-memory kernel that never
-    reaches torch.distributed), and `torch.distributed` itself (which the estimator calls). A call
-    made inside a backend call is not counted again. Category: "estimator" when the caller's module
-    is `iapo_openrlhf.*`; "lm_head" for DeepSpeed collectives while the LM head runs (forward
-    hooks); "body" for the other DeepSpeed collectives (AutoTP's row-parallel all-reduces);
-    "other" for the rest. Payload = bytes of the tensor reduced / gathered (the output for gathers).
-    """
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self.in_lm_head = False
-        self.lm_head_rows = 0
-        self._depth = 0
-        self.records: dict[str, dict[str, Any]] = {}
-
-    def reset(self) -> None:
-        self.records, self.lm_head_rows = {}, 0
-
-    def snapshot(self) -> dict[str, Any]:
-        return dict(by_category=json.loads(json.dumps(self.records)), lm_head_rows=self.lm_head_rows)
-
-    def _add(self, category: str, op: str, payload: int, world: int) -> None:
-        rec = self.records.setdefault(category, dict(calls=0, payload_bytes=0, wire_bytes=0.0, ops={}))
-        rec["calls"] += 1
-        rec["payload_bytes"] += payload
-        rec["wire_bytes"] += _wire_bytes(op, payload, world)
-        rec["ops"][op] = rec["ops"].get(op, 0) + 1
-
-    @staticmethod
-    def _payload(op: str, args: tuple, kwargs: dict) -> int:
-        if op == "all_gather":
-            return _nbytes(kwargs.get("tensor_list", args[0] if args else None))
-        if op == "all_gather_into_tensor":
-            return _nbytes(kwargs.get("output_tensor", args[0] if args else None))
-        if op == "reduce_scatter_tensor":
-            return _nbytes(kwargs.get("input", args[1] if len(args) > 1 else None))
-        return _nbytes(kwargs.get("tensor", args[0] if args else None))
-
-    @staticmethod
-    def _world(args: tuple, kwargs: dict) -> int:
-        import torch.distributed as dist
-
-        group = kwargs.get("group")
-        if group is None:
-            group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
-        return dist.get_world_size(group) if dist.is_initialized() else 1
-
-    def wrap_torch(self) -> None:
-        import torch.distributed as dist
-
-        for op in COLLECTIVE_OPS:
-            original = getattr(dist, op, None)
-            if original is None or getattr(original, "_bench_counted", False):
-                continue
-
-            def wrapper(*args, _op=op, _original=original, **kwargs):
-                if self.enabled and self._depth == 0:
-                    caller = sys._getframe(1).f_globals.get("__name__", "")
-                    category = "estimator" if caller.startswith("iapo_openrlhf") else "other"
-                    self._add(category, _op, self._payload(_op, args, kwargs), self._world(args, kwargs))
-                return _original(*args, **kwargs)
-
-            wrapper._bench_counted = True
-            setattr(dist, op, wrapper)
-
-    def wrap_deepspeed(self) -> None:
-        from deepspeed.comm.torch import TorchBackend
-
-        for op in ("inference_all_reduce", *COLLECTIVE_OPS):
-            original = getattr(TorchBackend, op, None)
-            if original is None or getattr(original, "_bench_counted", False):
-                continue
-
-            def method(backend, *args, _op=op, _original=original, **kwargs):
-                if self.enabled and self._depth == 0:
-                    category = "lm_head" if self.in_lm_head else "body"
-                    payload_op = "all_reduce" if _op == "inference_all_reduce" else _op
-                    self._add(category, _op, self._payload(payload_op, args, kwargs), self._world(args, kwargs))
-                self._depth += 1
-                try:
-                    return _original(backend, *args, **kwargs)
-                finally:
-                    self._depth -= 1
-
-            method._bench_counted = True
-            setattr(TorchBackend, op, method)
-
-    def watch_lm_head(self, head: torch.nn.Module) -> None:
-        def before(module, inputs):
-            self.in_lm_head = True
-
-        def after(module, inputs, output):
-            self.in_lm_head = False
-            if self.enabled:
-                self.lm_head_rows += output.numel() // output.shape[-1]
-
-        head.register_forward_pre_hook(before)
-        head.register_forward_hook(after)
-
-
 def _tp_case_setup(case: str, tp: int) -> tuple[int, bool | None]:
     """(tensor-parallel size, vocab_parallel_lm_head) of a case."""
     return {
@@ -707,7 +581,7 @@ def tp_worker(args: argparse.Namespace) -> None:
         def all_sum(x: float) -> float:
             return x
 
-    from iapo_openrlhf.core.mi import parallel_layout
+    from iapo_openrlhf.core.parallel import parallel_layout
 
     layout = parallel_layout(target)
     head = hf.get_output_embeddings()

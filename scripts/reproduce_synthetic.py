@@ -12,7 +12,15 @@ Design
        iapo          alpha 0.5, beta 0.1 (the paper's / local_tiny's weights)
        iapo_beta0    ablation: alpha 0.5, beta 0   (MI term only)
        iapo_alpha0   ablation: alpha 0,   beta 0.1 (exploration term only)
-   each for every seed in --seeds. The RL seed sets the training prompts' order and the sampling;
+   (the default set, the study reported in the README) and, with --methods, any subset of those
+   and of the other methods of the paper's table and related papers, at their defaults
+   (README "Methods"):
+       gfpo          the 4 shortest of the 8 sampled per prompt
+       gtpo / grpo_s entropy-weighted token (GTPO) / sequence (GRPO-S) rewards
+       sgrpo         the loss over the first 32 tokens and 30% of the others
+       ib            GRPO + the advantage-weighted entropy term (0.005)
+       significance  GRPO + the length reward over low-MI tokens, dynamic schedule
+   each for every seed in --seeds (`--methods all`: every one). The RL seed sets the training prompts' order and the sampling;
    for one seed every method sees the same prompts. Every run gets the same budget of sampled
    rollouts (steps x prompts_per_step x n_samples_per_prompt): DAPO's dynamic sampling draws extra
    groups, so DAPO stops after fewer updates once the budget is spent (its updates are on filtered
@@ -63,7 +71,14 @@ METHODS = {
     "iapo": ["method=iapo", "iapo.alpha=0.5", "iapo.beta=0.1"],
     "iapo_beta0": ["method=iapo", "iapo.alpha=0.5", "iapo.beta=0"],
     "iapo_alpha0": ["method=iapo", "iapo.alpha=0", "iapo.beta=0.1"],
+    "gfpo": ["method=gfpo"],
+    "gtpo": ["method=gtpo"],
+    "grpo_s": ["method=gtpo", "gtpo.level=sequence"],
+    "sgrpo": ["method=sgrpo"],
+    "ib": ["method=ib"],
+    "significance": ["method=significance"],
 }
+DEFAULT_METHODS = ("grpo", "dapo", "iapo", "iapo_beta0", "iapo_alpha0")  # the study the README reports
 KS = (1, 4, 8)
 WARMSTART = {"seed": 0, "steps": 1000, "lr": 1e-2, "redundancy": 0.8}  # configs/local_tiny.yaml
 EVAL_SEED = 0  # task seed of the held-out problems and sampling seed of every evaluation
@@ -409,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="CPU-scale reproduction: GRPO, DAPO, IAPO and ablations on the synthetic task.")
     parser.add_argument("--out", default="runs/repro")
     parser.add_argument("--smoke", action="store_true", help="1 seed, 2 steps, tiny warm start and evaluation (CI)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma separated, from {list(METHODS)}")
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                        help=f"comma separated, from {list(METHODS)}, or 'all' (default: {','.join(DEFAULT_METHODS)})")
     parser.add_argument("--seeds", help=f"RL seeds (default {FULL['seeds']})")
     parser.add_argument("--steps", type=int, help=f"steps of 64 rollouts per run: the rollout budget (default {FULL['steps']})")
     parser.add_argument("--lr", type=float, help=f"RL learning rate (default {FULL['lr']})")
@@ -431,8 +447,10 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, key)
         if value is not None:
             settings[key] = value
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = list(METHODS) if args.methods.strip() == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
+    if not methods:
+        parser.error("--methods: empty, expected at least one method")
     if unknown:
         parser.error(f"--methods: unknown {unknown}, expected some of {list(METHODS)}")
     seeds = [int(s) for s in str(settings["seeds"]).split(",")]
@@ -462,12 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"warm start on {settings['eval_problems']} held-out problems: accuracy {initial['eval']['accuracy']:.3f}, "
           f"mean length {initial['eval']['mean_length']:.1f}", flush=True)
 
-    # Longest runs first (IAPO variants pay the MI pass, DAPO resamples) so the pool drains evenly.
-    order = {"dapo": 0, "iapo": 1, "iapo_beta0": 2, "iapo_alpha0": 3, "grpo": 4}
+    # Longest runs first (IAPO variants and the significance reward pay the MI pass, DAPO resamples)
+    # so the pool drains evenly.
+    order = {"dapo": 0, "iapo": 1, "iapo_beta0": 2, "iapo_alpha0": 3, "significance": 4, "gtpo": 5, "grpo_s": 6}
     jobs = [{**common, "method": m, "seed": s, "steps": settings["steps"], "lr": settings["lr"],
              "curve_every": settings["curve_every"], "curve0": initial["curve0"], "extra": args.set,
              "run_dir": str((out / "runs" / f"{m}_s{s}").resolve())}
-            for s in seeds for m in sorted(methods, key=order.get)]
+            for s in seeds for m in sorted(methods, key=lambda m: order.get(m, len(order)))]
     summaries = []
     t0 = time.perf_counter()
     if settings["workers"] == 1:

@@ -47,3 +47,31 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert "--k: [8] not evaluated in every run, expected a subset of [1, 2]" in capsys.readouterr().err
     assert collect.main([f"X={tmp_path / 'a'}", f"X={tmp_path / 'a'}"]) == 2
     assert "appears twice" in capsys.readouterr().err
+
+
+def test_rows_in_the_papers_method_order_and_local_runs_named_by_method(tmp_path, capsys):
+    results = evaluate_matrices(np.array([[1, 0], [0, 1]], bool), np.array([[4, 6], [8, 2]]), [1, 2])
+    for name, method in (("run_a", "significance"), ("run_b", "gfpo"), ("run_c", "dapo")):
+        _local_run(tmp_path / name, [(10, results)])
+        (tmp_path / name / "config.json").write_text(json.dumps({"method": method, "seed": 0}))
+    write_reports({"S-GRPO": results, "iapo": results, "warm start": results}, [1, 2], tmp_path / "evals")
+    runs = [str(tmp_path / "run_a"), str(tmp_path / "evals"), str(tmp_path / "run_b"), f"GTPO={tmp_path / 'run_c'}"]
+    assert collect.main(runs) == 0
+    rows = [line.split(" | ")[0][2:] for line in capsys.readouterr().out.splitlines()[2:]]
+    # no-method rows first; then the paper's DAPO, GFPO, GTPO, S-GRPO, IAPO; then the others.
+    # A labelled local run keeps its label but is placed by its run's method (dapo here).
+    assert rows == ["warm start", "GTPO", "GFPO (run_b, step 10)", "S-GRPO", "iapo",
+                    "significance-aware length reward (run_a, step 10)"]
+    assert collect.main([*runs, "--order", "given"]) == 0
+    given = [line.split(" | ")[0][2:] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert given[0] == "significance-aware length reward (run_a, step 10)" and given[-1] == "GTPO"
+
+
+def test_every_method_is_recognised_by_name_and_label():
+    from iapo_openrlhf.core.methods import METHODS
+
+    for name, spec in METHODS.items():
+        assert collect.method_of(name) == name and collect.method_of(spec.label) == name
+        assert collect.method_of(f"+ {spec.label}") == name
+    assert collect.method_of("Qwen2.5-7B-Instruct") is None
+    assert collect.method_of("anything", "gfpo") == "gfpo"

@@ -78,3 +78,42 @@ def test_table_and_plots(smoke):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert "wrote" in stdout
+
+
+NEW_METHODS = ("gfpo", "gtpo", "grpo_s", "sgrpo", "ib", "significance")
+
+
+def test_methods_cover_every_registered_method():
+    import importlib.util
+
+    from iapo_openrlhf.core.methods import METHODS as CORE
+
+    spec = importlib.util.spec_from_file_location("reproduce_synthetic", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    used = {o.split("=", 1)[1] for overrides in module.METHODS.values() for o in overrides if o.startswith("method=")}
+    assert used == set(CORE)
+    assert module.DEFAULT_METHODS == METHODS  # the default run is the study the README reports
+
+
+def test_any_subset_of_methods(tmp_path):
+    """--methods runs any subset: the other methods of the paper's table and the related papers."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), "--methods",
+                           ",".join(NEW_METHODS)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["methods"]) == set(NEW_METHODS)
+    budget = results["meta"]["steps"] * 64
+    for r in results["runs"]:
+        assert r["rollouts"] == budget and r["steps"] == results["meta"]["steps"]  # GFPO samples 8, trains on 4
+        assert _finite(r["eval"]["L@8"]) and 0 <= r["eval"]["P@8"] <= 1
+    significance = next(r for r in results["runs"] if r["method"] == "significance")
+    assert all("mi_mean" in t for t in significance["train"])  # its significance score is the MI pass
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in NEW_METHODS)
+
+
+def test_unknown_method_is_refused():
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--methods", "grpo,ppo"], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and "--methods: unknown ['ppo']" in proc.stderr

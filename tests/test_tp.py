@@ -1,5 +1,7 @@
 """The estimator through DeepSpeed engines on 2 gloo processes (AutoTP and ZeRO-3) against the
-single-process result of the same weights."""
+single-process result of the same weights, with the collectives counted: under AutoTP no
+collective carries a full-vocabulary tensor, under ZeRO-3 one call gathers about one forward's
+worth of parameter bytes."""
 
 from __future__ import annotations
 
@@ -38,7 +40,10 @@ def _batch(rank: int, same_data: bool):
 
 
 def _engine(model, zero: int, tp: int, vocab_parallel: bool | None):
-    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": zero}}
+    # persistence threshold 0: no parameter of this tiny model is kept whole on every rank, as none
+    # of a 7B's matrices would be (DeepSpeed's default keeps parameters under 1e5 elements resident)
+    zero_cfg = {"stage": zero, "stage3_param_persistence_threshold": 0} if zero == 3 else {"stage": zero}
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero_cfg}
     if tp > 1:
         cfg["tensor_parallel"] = {"autotp_size": tp}
         if vocab_parallel is not None:
@@ -48,23 +53,61 @@ def _engine(model, zero: int, tp: int, vocab_parallel: bool | None):
     return engine
 
 
+VOCAB = 101  # odd: the TP ranks hold uneven vocabulary slices (51 + 50)
+
+
+def _counter():
+    from iapo_openrlhf.profiling import CollectiveCounter
+
+    counter = CollectiveCounter(record_shapes=True)
+    counter.wrap_torch()
+    counter.wrap_deepspeed()
+    return counter
+
+
 def _check(rank: int, world: int, zero: int, tp: int, tied: bool, vocab_parallel, same_data: bool,
-           ds0198: bool = False) -> None:
-    from iapo_openrlhf.core.mi import answer_entropy, parallel_layout
+           ds0198: bool = False, gather: str = "auto") -> None:
+    from iapo_openrlhf.core.mi import answer_entropy
+    from iapo_openrlhf.core.parallel import parallel_layout
 
     assert (deepspeed.__version__ == "0.19.8") == ds0198, deepspeed.__version__
-
-    model = _model(tied)
+    os.environ["IAPO_ZERO3_GATHER"] = gather
+    model = _model(tied, vocab=VOCAB)
     seq, att, act = _batch(rank, same_data)
     ref_h, ref_lp = answer_entropy(copy.deepcopy(model), seq, att, act, POSTFIX, return_log_probs=True)
     ref_nt = answer_entropy(copy.deepcopy(model), seq, att, act, None, predict_mode="next_token")
     engine = _engine(model, zero, tp, vocab_parallel)
     layout = parallel_layout(engine)
-    # DeepSpeed 0.19.8 makes a tied head vocab-parallel by itself; 0.19.6 has no vocab-parallel head
-    assert layout.vocab_parallel == (ds0198 and tp > 1 and (tied or bool(vocab_parallel))), layout
+    # DeepSpeed 0.19.8's vocab-parallel head (automatic for tied embeddings) returns this rank's
+    # slice; any other head under AutoTP (0.19.6: column-parallel + all-gather, or replicated when
+    # tied) is sliced by the estimator itself.
+    expected = "model" if tp == 1 else ("vocab_parallel" if ds0198 and (tied or vocab_parallel) else "sliced")
+    assert layout.head == expected and layout.vocab_parallel == (tp > 1), layout
+    if tp > 1:
+        widths = [layout.vocab_end - layout.vocab_start, VOCAB - (layout.vocab_end - layout.vocab_start)]
+        assert sorted(widths) == [50, 51], layout
+    counter = _counter()
     engine.train()
+    with torch.no_grad():
+        engine(input_ids=seq, attention_mask=att)  # ZeRO-3 records its trace on a first forward
+        counter.enabled = True
+        engine(input_ids=seq, attention_mask=att)  # one plain forward (OpenRLHF's log-prob pass)
+        counter.enabled = False
+    forward_gathered = counter.total("all_gather")
+    counter.reset()
+    counter.enabled = True
     h, lp = answer_entropy(engine, seq, att, act, POSTFIX, return_log_probs=True, chunk_tokens=5)
+    counter.enabled = False
     assert engine.module.training  # restored
+    if tp > 1:  # no collective carried a full-vocabulary tensor, nor a rank's slice of one
+        carried = [shape for _, _, shape in counter.shapes if len(shape) >= 2]
+        assert carried and not [s for s in carried if s[-1] in (VOCAB, 50, 51)], carried
+    if zero == 3:
+        gathered = counter.total("all_gather")
+        if gather == "auto":  # the parameters once per call: within 1.2 x one plain forward's bytes
+            assert 0 < gathered <= 1.2 * forward_gathered, (gathered, forward_gathered)
+        else:  # module by module in each of the many probe forwards (chunk_tokens=5)
+            assert gathered > 3 * forward_gathered, (gathered, forward_gathered)
     engine.eval()
     answer_entropy(engine, seq, att, act, POSTFIX, chunk_tokens=5)
     assert not engine.module.training  # an engine in eval mode stays there
@@ -84,8 +127,9 @@ def test_autotp2_matches_single_process(tied, vocab_parallel, ds0198):
     run_distributed(_check, 2, 300.0, 0, 2, tied, vocab_parallel, True, ds0198, pythonpath=overlay)
 
 
-def test_zero3_uneven_lengths_match_single_process():
-    run_distributed(_check, 2, 300.0, 3, 1, False, None, False)
+@pytest.mark.parametrize("gather", ["auto", "never"], ids=["gathered-once", "fallback-module-hooks"])
+def test_zero3_uneven_lengths_match_single_process(gather):
+    run_distributed(_check, 2, 300.0, 3, 1, False, None, False, False, gather)
 
 
 def _mismatch(rank: int, world: int) -> None:

@@ -11,6 +11,11 @@ from __future__ import annotations
 import torch
 
 EXPLORATION_MODES = ("prob", "entropy")
+# How each shaping term is normalised over the valid tokens of its sequence (issue 16 item 1):
+#   zscore   (x - mean) / (std + eps)                       the paper's norm(x; seq), the default
+#   l2       zscore, then divided by its L2 norm            the authors' scaling, correct precedence
+#   authors  (x - mean / (std + 1e-8)) / its L2 norm        the authors' released code, valid tokens only
+SHAPING_NORMS = ("zscore", "l2", "authors")
 
 
 def group_normalized_rewards(rewards: torch.Tensor, group_size: int, eps: float = 1e-9) -> torch.Tensor:
@@ -43,6 +48,46 @@ def masked_sequence_normalize(x: torch.Tensor, mask: torch.Tensor, eps: float = 
     return (centered / (std + eps)).float()
 
 
+def _l2_scaled(x64: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x / ||x||_2 over the valid tokens of each row (fp64 in, fp64 out); a zero row stays 0."""
+    x64 = torch.where(valid, x64, 0.0)
+    norm = x64.pow(2).sum(-1, keepdim=True).sqrt()
+    return torch.where(norm > 0, x64 / torch.where(norm > 0, norm, 1.0), 0.0)
+
+
+def normalize_shaping(x: torch.Tensor, mask: torch.Tensor, norm: str = "zscore", eps: float = 1e-6) -> torch.Tensor:
+    """One shaping term normalised per sequence over its valid tokens only; 0 on masked tokens.
+
+    x, mask: (B, A). Returns (B, A) fp32. Padding enters no statistic in any mode.
+      zscore:  (x - mean) / (std + eps), population std (`masked_sequence_normalize`): the paper's
+               norm(x; seq).
+      l2:      the z-score divided by its L2 norm over the valid tokens. With T valid tokens and a
+               non-constant row the z-score has norm ~sqrt(T), so each token gets ~z / sqrt(T):
+               the weight of the term no longer grows with the sequence's length.
+      authors: the authors' released code, `s - s.mean / (s.std + 1e-8)` (Python precedence: the
+               mean divided by the std is subtracted from s, no centring), then divided by its L2
+               norm; mean and unbiased std (torch's default `.std()`) over the valid tokens only,
+               where their code takes them over the padded row. A one-token row has no unbiased
+               std: it is taken as 0 there.
+    """
+    if norm not in SHAPING_NORMS:
+        raise ValueError(f"shaping_norm: got {norm!r}, expected one of {SHAPING_NORMS}")
+    valid = mask.bool()
+    if norm == "zscore":
+        return masked_sequence_normalize(x, valid, eps)
+    if norm == "l2":
+        z = masked_sequence_normalize(x, valid, eps).double()
+        return torch.where(valid, _l2_scaled(z, valid), 0.0).float()
+    x64 = torch.where(valid, x.double(), 0.0)
+    count = valid.sum(-1, keepdim=True)
+    mean = x64.sum(-1, keepdim=True) / count.clamp(min=1)
+    centered = torch.where(valid, x64 - mean, 0.0)
+    var = centered.pow(2).sum(-1, keepdim=True) / (count - 1).clamp(min=1)
+    std = torch.where(count > 1, var.sqrt(), 0.0)
+    precedence = x64 - mean / (std + 1e-8)
+    return torch.where(valid, _l2_scaled(precedence, valid), 0.0).float()
+
+
 def exploration_signal(
     pi_old: torch.Tensor, correct: torch.Tensor, exploration: str = "prob"
 ) -> torch.Tensor:
@@ -57,7 +102,7 @@ def exploration_signal(
     return sign * confidence
 
 
-def _validate_shaping(mi, pi_old, action_mask, alpha, beta, correct, eps, exploration) -> None:
+def _validate_shaping(mi, pi_old, action_mask, alpha, beta, correct, eps, exploration, shaping_norm="zscore") -> None:
     if action_mask.dim() != 2:
         raise ValueError(f"action_mask: got shape {tuple(action_mask.shape)}, expected (B, A)")
     b, a = action_mask.shape
@@ -76,6 +121,8 @@ def _validate_shaping(mi, pi_old, action_mask, alpha, beta, correct, eps, explor
         raise ValueError(f"eps: got {eps}, expected a number > 0")
     if exploration not in EXPLORATION_MODES:
         raise ValueError(f"exploration: got {exploration!r}, expected one of {EXPLORATION_MODES}")
+    if shaping_norm not in SHAPING_NORMS:
+        raise ValueError(f"shaping_norm: got {shaping_norm!r}, expected one of {SHAPING_NORMS}")
     empty = (action_mask.sum(-1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"action_mask: rows {empty[:8]} have no valid token, expected at least one per row")
@@ -98,25 +145,26 @@ def information_shaping(
     beta: float,
     eps: float = 1e-6,
     exploration: str = "prob",
+    shaping_norm: str = "zscore",
 ) -> torch.Tensor:
     """alpha * norm(s; seq) + beta * norm(c; seq): the token-wise part of the IAPO advantage, (B, A)
-    fp32, 0 on masked positions.
+    fp32, 0 on masked positions. `shaping_norm` picks norm (`normalize_shaping`).
 
     Kept apart from the reward term so the OpenRLHF plugin can add it to the advantages OpenRLHF
     itself computed (group_norm, KL-in-reward, length penalties), which keeps alpha = beta = 0
     identical to OpenRLHF. mi, pi_old: (B, A) as in `iapo_advantages`; correct: (B,) bool
     exploration sign, needed when beta != 0.
     """
-    _validate_shaping(mi, pi_old, action_mask, alpha, beta, correct, eps, exploration)
+    _validate_shaping(mi, pi_old, action_mask, alpha, beta, correct, eps, exploration, shaping_norm)
     valid = action_mask.bool()
     shaping = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
     if alpha != 0:
-        shaping = shaping + alpha * masked_sequence_normalize(mi, valid, eps)
+        shaping = shaping + alpha * normalize_shaping(mi, valid, shaping_norm, eps)
     if beta != 0:
         if correct is None:
             raise ValueError("correct: got None with a nonzero beta, expected a (B,) bool tensor (the exploration sign)")
         c = exploration_signal(pi_old, correct, exploration)
-        shaping = shaping + beta * masked_sequence_normalize(c, valid, eps)
+        shaping = shaping + beta * normalize_shaping(c, valid, shaping_norm, eps)
     return torch.where(valid, shaping, torch.zeros_like(shaping))
 
 
@@ -132,6 +180,7 @@ def iapo_advantages(
     correct: torch.Tensor | None = None,
     eps: float = 1e-6,
     exploration: str = "prob",
+    shaping_norm: str = "zscore",
 ) -> torch.Tensor:
     """IAPO advantages, (B, A) fp32, exactly 0 on masked positions.
 
@@ -141,6 +190,7 @@ def iapo_advantages(
         exploration="entropy" the policy's next-token entropy; may be None when beta = 0.
     correct: (B,) bool deciding the exploration sign; defaults to rewards > 0.
     eps: added to every std (group and per-sequence).
+    shaping_norm: how the MI and exploration terms are normalised per sequence (`normalize_shaping`).
     """
     if action_mask.dim() != 2:
         raise ValueError(f"action_mask: got shape {tuple(action_mask.shape)}, expected (B, A)")
@@ -153,7 +203,8 @@ def iapo_advantages(
             "(IAPO normalises rewards within groups of samples of the same prompt)"
         )
     sign = (rewards > 0) if correct is None else correct
-    shaping = information_shaping(mi, pi_old, action_mask, sign, alpha=alpha, beta=beta, eps=eps, exploration=exploration)
+    shaping = information_shaping(mi, pi_old, action_mask, sign, alpha=alpha, beta=beta, eps=eps, exploration=exploration,
+                                  shaping_norm=shaping_norm)
     valid = action_mask.bool()
     adv = group_normalized_rewards(rewards, group_size, eps).float().unsqueeze(-1) + shaping
     return torch.where(valid, adv, torch.zeros_like(adv))

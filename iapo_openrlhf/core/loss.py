@@ -57,3 +57,17 @@ def ppo_policy_loss(
             "approx_kl_old": masked_mean(0.5 * log_ratio.pow(2), action_mask).item(),
         }
     return loss, stats
+
+
+def ib_regularizer(
+    advantages: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor, agg: str = "token_mean"
+) -> torch.Tensor:
+    """Information-bottleneck regularisation (arXiv 2507.18391): the advantage-weighted entropy.
+
+    J_IB = sum_t A_t * H_t, aggregated like the policy loss; the loss SUBTRACTS coef * J_IB, so a
+    token with a positive advantage is pushed to higher entropy and one with a negative advantage
+    to lower entropy (the paper's "one-line change" of the entropy bonus, coefficient 0.005).
+    advantages, entropy, mask: (B, A); entropy is the current policy's next-token entropy with its
+    gradient, the advantages are constants. Returns a scalar.
+    """
+    return masked_mean(advantages.detach().float() * entropy.float(), mask, agg)

@@ -1,9 +1,13 @@
-"""Single-process RL trainer: IAPO, GRPO and DAPO on one code path (DESIGN section 6).
+"""Single-process RL trainer: every method of core/methods.py on one code path (DESIGN section 6).
 
 One step: sample G completions for each of N prompts (HF generate), score them, run the MI
-estimator (which also returns pi_old from its preload forward), compute `iapo_advantages`, and
-take a PPO step with a KL penalty to the frozen initial policy. GRPO is alpha = beta = 0; DAPO adds
-clip-higher (a config value), dynamic sampling and the overlong penalty.
+estimator when the method needs it (it also returns pi_old from its preload forward), compute the
+method's advantages, and take a PPO step with a KL penalty to the frozen initial policy. GRPO is
+IAPO with alpha = beta = 0; DAPO adds clip-higher (a config value), dynamic sampling and the
+overlong penalty; GFPO keeps k of the G completions of a prompt before anything else; GTPO /
+GRPO-S weight rewards by the policy's next-token entropy; S-GRPO restricts the loss to a random
+subset of tokens; the significance reward adds a length reward over low-MI tokens to the rewards;
+`ib.coef` adds the advantage-weighted entropy term to the loss of any method.
 
 Determinism: the data position, the optimizer and every RNG are checkpointed, and evaluation runs
 under a forked RNG, so `--resume` continues exactly where an uninterrupted run would be.
@@ -25,10 +29,27 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..config import Config, ConfigError, effective_weights
+from ..config import (
+    Config,
+    ConfigError,
+    effective_weights,
+    group_size,
+    ib_coef,
+    needs_entropy,
+    needs_mi,
+    resolved_section,
+)
 from ..core.advantages import iapo_advantages
-from ..core.entropy import log_probs_from_logits
-from ..core.loss import kl_k3, masked_mean, ppo_policy_loss
+from ..core.entropy import entropy_from_logits, log_probs_from_logits
+from ..core.loss import ib_regularizer, kl_k3, masked_mean, ppo_policy_loss
+from ..core.methods import (
+    get_advantage_fn,
+    gfpo_keep_mask,
+    insignificant_tokens,
+    sgrpo_token_mask,
+    significance_length_reward,
+    significance_phase,
+)
 from ..core.mi import answer_entropy, token_mi
 from ..data import Example, load_jsonl, synthetic_examples
 from ..eval.generation import evaluate_model
@@ -40,13 +61,22 @@ CHECKPOINTS = "checkpoints"
 
 def sequence_log_probs(model, sequences, attention_mask, response_width: int, temperature: float) -> torch.Tensor:
     """(B, A) log-probs of the response tokens, OpenRLHF's actor forward (same position ids)."""
+    return sequence_log_probs_and_entropy(model, sequences, attention_mask, response_width, temperature)[0]
+
+
+def sequence_log_probs_and_entropy(
+    model, sequences, attention_mask, response_width: int, temperature: float, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, A) log-probs of the response tokens and, with_entropy, the (B, A) entropy of the
+    distribution each was sampled from (temperature-scaled, differentiable), from one forward."""
     position_ids = attention_mask.long().cumsum(-1) - 1
     position_ids.masked_fill_(attention_mask == 0, 1)
     logits = model(
         input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
         logits_to_keep=response_width + 1,
     ).logits[:, :-1]
-    return log_probs_from_logits(logits, sequences[:, -response_width:], temperature)
+    log_probs = log_probs_from_logits(logits, sequences[:, -response_width:], temperature)
+    return log_probs, (entropy_from_logits(logits, temperature) if with_entropy else None)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, factor: float) -> torch.Tensor:
@@ -74,6 +104,8 @@ class LocalTrainer:
             "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         )
         self.alpha, self.beta = effective_weights(cfg)
+        self.group = group_size(cfg)  # completions per prompt in the update (GFPO: k of the G sampled)
+        self.ib_coef = ib_coef(cfg)
         self.log_path = self.out / "metrics.jsonl"
 
     # -- setup ---------------------------------------------------------------------------------
@@ -125,7 +157,7 @@ class LocalTrainer:
             self.ref = AutoModelForCausalLM.from_pretrained(self.initial_dir, dtype=dtype).to(self.device).eval()
             self.ref.requires_grad_(False)
         postfix = self.tokenizer(cfg.iapo.postfix, add_special_tokens=False).input_ids
-        if cfg.method == "iapo" and cfg.iapo.predict_mode == "postfix" and not postfix:
+        if needs_mi(cfg) and cfg.iapo.predict_mode == "postfix" and not postfix:
             raise ConfigError(f"iapo.postfix: {cfg.iapo.postfix!r} tokenizes to nothing, expected a postfix with tokens")
         self.postfix_ids = postfix
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
@@ -138,6 +170,8 @@ class LocalTrainer:
             random.seed(cfg.seed)
             np.random.seed(cfg.seed)
             self.log_path.unlink(missing_ok=True)
+        # The run's settings beside its metrics (scripts/collect_results.py names rows by method).
+        (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -170,6 +204,18 @@ class LocalTrainer:
                      torch.tensor([r.format_ok for r in results]), len(examples))
 
     def _rollout(self) -> tuple[Batch, dict]:
+        """The step's groups; GFPO then keeps k of each group's G completions (`gfpo_keep_mask`)."""
+        batch, info = self._sample_groups()
+        if self.cfg.method != "gfpo":
+            return batch, info
+        g, gfpo = self.cfg.rollout.n_samples_per_prompt, resolved_section(self.cfg, "gfpo")
+        keep = gfpo_keep_mask(batch.rewards, batch.rollout.lengths, group_size=g, keep=gfpo.keep, metric=gfpo.metric)
+        info.update(gfpo_sampled_length=float(batch.rollout.lengths.float().mean()),
+                    gfpo_sampled_accuracy=float(batch.correct.float().mean()),
+                    gfpo_kept_length=float(batch.rollout.lengths[keep].float().mean()))
+        return _select(batch, keep), info
+
+    def _sample_groups(self) -> tuple[Batch, dict]:
         """Sample the step's groups; DAPO keeps only groups whose rewards differ and refills."""
         cfg = self.cfg
         n, g = cfg.rollout.prompts_per_step, cfg.rollout.n_samples_per_prompt
@@ -191,13 +237,15 @@ class LocalTrainer:
         keep_rows = min(merged.rewards.shape[0], n * g)
         return _select(merged, torch.arange(merged.rewards.shape[0]) < keep_rows), info
 
-    def _advantages(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """pi_old log-probs and the IAPO advantages (one preload forward serves both)."""
+    def _advantages(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """pi_old log-probs, the method's advantages and its loss mask (B, A).
+
+        The MI pass (when the method needs MI) is also the forward that gives pi_old."""
         cfg, r = self.cfg, batch.rollout
         seq, att, act = (t.to(self.device) for t in (r.sequences, r.attention_mask, r.action_mask))
         stats = {}
         mi = None
-        if self.alpha > 0 or (self.beta > 0 and cfg.iapo.exploration == "prob"):
+        if needs_mi(cfg) or (self.beta > 0 and cfg.iapo.exploration == "prob"):
             h, old_lp = answer_entropy(
                 self.model, seq, att, act, self.postfix_ids if cfg.iapo.predict_mode == "postfix" else None,
                 chunk_tokens=cfg.iapo.chunk_tokens, temperature=cfg.rollout.temperature,
@@ -213,19 +261,50 @@ class LocalTrainer:
             with torch.no_grad():
                 old_lp = sequence_log_probs(self.model, seq, att, act.shape[1], cfg.rollout.temperature).cpu()
             old_lp = old_lp * act.cpu()
+        valid = act.cpu().bool()
+        entropy = None
+        if needs_entropy(cfg):  # the policy's next-token entropy at every response token
+            entropy = answer_entropy(self.model, seq, att, act, None, predict_mode="next_token",
+                                     temperature=cfg.rollout.temperature)[:, :-1]
+            entropy = torch.where(valid, entropy, 0.0)
+            stats["entropy_mean"] = float(entropy[valid].mean())
         explore = None
         if self.beta > 0:
-            if cfg.iapo.exploration == "prob":
-                explore = old_lp.exp()
-            else:
-                explore = answer_entropy(self.model, seq, att, act, None, predict_mode="next_token",
-                                         temperature=cfg.rollout.temperature)[:, :-1]
-        adv = iapo_advantages(batch.rewards, mi, explore, act.cpu(), group_size=cfg.rollout.n_samples_per_prompt,
-                              alpha=self.alpha, beta=self.beta, correct=batch.correct,
-                              exploration=cfg.iapo.exploration)
-        return old_lp, adv, stats
+            explore = old_lp.exp() if cfg.iapo.exploration == "prob" else entropy
+        rewards = batch.rewards
+        if cfg.method == "significance":
+            rewards, sig_stats = self._significance_rewards(batch, mi, valid)
+            stats.update(sig_stats)
+        if cfg.method == "gtpo":
+            gtpo = resolved_section(cfg, "gtpo")
+            estimator = get_advantage_fn("gtpo" if gtpo.level == "token" else "grpo_s")
+            adv = estimator(rewards, valid, group_size=self.group, correct=batch.correct, entropy=entropy,
+                            reward_weight=gtpo.reward_weight, entropy_weight=gtpo.entropy_weight)
+        else:
+            adv = iapo_advantages(rewards, mi, explore, valid, group_size=self.group, alpha=self.alpha, beta=self.beta,
+                                  correct=batch.correct, exploration=cfg.iapo.exploration,
+                                  shaping_norm=cfg.iapo.shaping_norm)
+        loss_mask = valid
+        if cfg.method == "sgrpo":  # drawn from the global RNG, which checkpoints carry
+            sgrpo = resolved_section(cfg, "sgrpo")
+            loss_mask = sgrpo_token_mask(valid, keep_first=sgrpo.keep_first, keep_prob=sgrpo.keep_prob)
+            stats["sgrpo_kept_frac"] = float(loss_mask.sum() / valid.sum())
+        return old_lp, adv, loss_mask, stats
 
-    def _update(self, batch: Batch, old_lp: torch.Tensor, adv: torch.Tensor) -> dict:
+    def _significance_rewards(self, batch: Batch, mi: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Rewards plus the length reward counted over insignificant (low-|MI|) tokens."""
+        sig = resolved_section(self.cfg, "significance")
+        low = insignificant_tokens(mi, valid, group_size=self.group, selection=sig.selection, fraction=sig.fraction,
+                                   threshold=sig.threshold)
+        phase = significance_phase(self.step / self.cfg.train.steps, sig.schedule, sig.switch)
+        bonus = significance_length_reward(low, valid, batch.correct, group_size=self.group, phase=phase, coef=sig.coef)
+        stats = {"significance_phase": phase, "insignificant_frac": float(low.sum() / valid.sum()),
+                 "length_reward_mean": float(bonus.mean()), "length_reward_abs_mean": float(bonus.abs().mean())}
+        return batch.rewards + bonus, stats
+
+    def _update(self, batch: Batch, old_lp: torch.Tensor, adv: torch.Tensor, loss_mask: torch.Tensor) -> dict:
+        """PPO epochs over the batch; every per-token term of the loss counts the loss_mask's tokens
+        (the action mask, or S-GRPO's subset), micro-batches weighted by their share of them."""
         cfg = self.cfg
         r = batch.rollout
         b, a = r.action_mask.shape
@@ -236,7 +315,9 @@ class LocalTrainer:
                                             a, cfg.rollout.temperature)
         self.model.train()
         stats: dict[str, float] = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
-        total_tokens = float(r.action_mask.sum())
+        if self.ib_coef > 0:
+            stats["ib_term"] = 0.0
+        total_tokens = float(loss_mask.sum())
         updates = 0
         for _ in range(cfg.train.ppo_epochs):
             perm = torch.randperm(b)
@@ -244,23 +325,30 @@ class LocalTrainer:
             for start in range(0, b, cfg.train.micro_batch_size):
                 idx = perm[start : start + cfg.train.micro_batch_size]
                 seq, att, act = (t[idx].to(self.device) for t in (r.sequences, r.attention_mask, r.action_mask))
+                lm = loss_mask[idx].to(self.device)
                 # Trim right padding shared by the micro-batch: it only costs compute.
                 width = int(act.sum(-1).max())
                 cut = a - width
                 if cut:
-                    seq, att, act = seq[:, :-cut], att[:, :-cut], act[:, :width]
-                lp = sequence_log_probs(self.model, seq, att, width, cfg.rollout.temperature)
+                    seq, att, act, lm = seq[:, :-cut], att[:, :-cut], act[:, :width], lm[:, :width]
+                lp, entropy = sequence_log_probs_and_entropy(self.model, seq, att, width, cfg.rollout.temperature,
+                                                             with_entropy=self.ib_coef > 0)
+                mb_adv = adv[idx, :width].to(self.device)
                 loss, s = ppo_policy_loss(
-                    lp, old_lp[idx, :width].to(self.device), adv[idx, :width].to(self.device), act,
+                    lp, old_lp[idx, :width].to(self.device), mb_adv, lm,
                     clip_eps_low=cfg.train.clip_eps_low, clip_eps_high=cfg.train.clip_eps_high, agg=cfg.train.loss_agg,
                 )
                 if ref_lp is not None:
-                    kl = masked_mean(kl_k3(lp, ref_lp[idx, :width]), act, cfg.train.loss_agg)
+                    kl = masked_mean(kl_k3(lp, ref_lp[idx, :width]), lm, cfg.train.loss_agg)
                     loss = loss + cfg.train.kl_coef * kl
-                    stats["kl"] += float(kl.detach()) * float(act.sum()) / total_tokens
+                    stats["kl"] += float(kl.detach()) * float(lm.sum()) / total_tokens
+                if self.ib_coef > 0:  # IB: reward entropy where A > 0, penalise it where A < 0
+                    ib = ib_regularizer(mb_adv, entropy, lm, cfg.train.loss_agg)
+                    loss = loss - self.ib_coef * ib
+                    stats["ib_term"] += float(ib.detach()) * float(lm.sum()) / total_tokens
                 # Micro-batches are weighted by their share of tokens, so the accumulated
                 # gradient equals the token mean over the whole batch.
-                weight = float(act.sum()) / total_tokens if cfg.train.loss_agg == "token_mean" else len(idx) / b
+                weight = float(lm.sum()) / total_tokens if cfg.train.loss_agg == "token_mean" else len(idx) / b
                 (loss * weight).backward()
                 stats["loss"] += float(loss.detach()) * weight
                 stats["clip_frac"] += s["clip_frac"] * weight
@@ -276,9 +364,9 @@ class LocalTrainer:
         t0 = time.perf_counter()
         batch, info = self._rollout()
         t1 = time.perf_counter()
-        old_lp, adv, mi_stats = self._advantages(batch)
+        old_lp, adv, loss_mask, mi_stats = self._advantages(batch)
         t2 = time.perf_counter()
-        update = self._update(batch, old_lp, adv)
+        update = self._update(batch, old_lp, adv, loss_mask)
         t3 = time.perf_counter()
         r = batch.rollout
         return {
@@ -288,7 +376,7 @@ class LocalTrainer:
             "format_ok": float(batch.format_ok.float().mean()),
             "mean_length": float(r.lengths.float().mean()),
             "truncated_frac": float(r.truncated.float().mean()),
-            "groups": int(batch.rewards.shape[0] // self.cfg.rollout.n_samples_per_prompt),
+            "groups": int(batch.rewards.shape[0] // self.group),
             **info,
             **mi_stats,
             **update,

@@ -18,6 +18,7 @@ from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
 
 from ..config import IapoConfig
 from ..core.mi import answer_entropy, token_mi
+from .loss_options import install_loss_options
 from .settings import iapo_config_from_args, needs_mi, needs_next_token_entropy, postfix_token_ids
 
 
@@ -112,6 +113,7 @@ class IAPOPolicyModelActor(unwrap_ray_class(PolicyModelActor)):
                 "--ds.ring_attn_size > 1: the IAPO estimator does not run under ring attention, "
                 "expected --ds.ring_attn_size 1 (use --ds.tensor_parallel_size for long sequences)"
             )
+        self.iapo_loss = install_loss_options(self, strategy.args)  # --ib.coef: IB term in the actor's loss
 
     def forward(
         self,

@@ -8,10 +8,11 @@ command line after the config: later options win, as in any argparse command.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from pathlib import Path
 
-from ..config import Config, ConfigError
+from ..config import METHOD_SECTIONS, Config, ConfigError, group_size
 
 CHECKPOINT_DIR = "ckpt"  # under output.dir: OpenRLHF's DeepSpeed checkpoints (resumed automatically)
 EXPORT_DIR = "final"  # under output.dir: the HF-format model saved at the end
@@ -31,7 +32,8 @@ def openrlhf_args(cfg: Config, reward_file: str) -> list[str]:
         raise ConfigError("data.task: iapo-train-ray reads prompt files, expected data.task=jsonl with "
                           "data.train_path from scripts/prepare_data.py")
     c, out = cfg.cluster, Path(cfg.output.dir)
-    samples = cfg.rollout.prompts_per_step * cfg.rollout.n_samples_per_prompt
+    # samples the update sees per rollout step: GFPO trains on the k it keeps of the G it samples
+    samples = cfg.rollout.prompts_per_step * group_size(cfg)
     alpha, beta = (cfg.iapo.alpha, cfg.iapo.beta) if cfg.method == "iapo" else (0.0, 0.0)
     # prepare_data.py writes the R1-formatted prompt under "prompt"; "none" uses the raw field.
     input_key = "prompt" if cfg.data.system_prompt == "r1" else cfg.data.input_key
@@ -78,7 +80,12 @@ def openrlhf_args(cfg: Config, reward_file: str) -> list[str]:
                  "--reward.overlong_buffer_len", cfg.dapo.overlong_buffer,
                  "--reward.overlong_penalty_factor", cfg.dapo.overlong_penalty]
     for name in ("postfix", "predict_mode", "chunk_tokens", "probe_stride", "mi_smoothing", "mi_horizon",
-                 "mi_decay", "exploration"):
+                 "mi_decay", "exploration", "shaping_norm"):
         args += [f"--iapo.{name}", getattr(cfg.iapo, name)]
-    args += ["--iapo.alpha", alpha, "--iapo.beta", beta]
+    args += ["--iapo.alpha", alpha, "--iapo.beta", beta, "--iapo.method", cfg.method]
+    for section, cls in METHOD_SECTIONS.items():  # the knobs the config gives (the rest: defaults)
+        for f in dataclasses.fields(cls):
+            value = getattr(getattr(cfg, section), f.name)
+            if value is not None:
+                args += [f"--{section}.{f.name}", value]
     return [str(a) for a in args] + shlex.split(c.extra_args)

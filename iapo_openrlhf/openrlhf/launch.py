@@ -23,10 +23,17 @@ from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, group_size, ib_coef, load_config
 from . import OpenRLHFVersionError, check_openrlhf_version, cpu_stubs
 from .config_args import openrlhf_args
-from .settings import add_iapo_arguments, iapo_config_from_args, postfix_token_ids
+from .settings import (
+    add_iapo_arguments,
+    iapo_config_from_args,
+    method_config_from_args,
+    needs_mi,
+    needs_next_token_entropy,
+    postfix_token_ids,
+)
 
 PROG = "iapo-train-ray"
 REWARD_FILE = str(Path(__file__).with_name("reward_func.py"))
@@ -34,6 +41,8 @@ SCHEME_ENV = "IAPO_REWARD_SCHEME"  # read by reward_func.py in the rollout worke
 DUMP_ENV = "IAPO_DUMP_EXPERIENCES"  # experience_maker.DUMP_ENV (not imported: it needs OpenRLHF)
 # OpenRLHF estimators IAPO can sit on: the shaping is added to a per-prompt group baseline.
 GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
+# Methods that --stock-openrlhf reproduces: OpenRLHF's own options only, no IAPO class needed.
+STOCK_METHODS = ("iapo", "grpo", "dapo")
 
 
 class UsageError(Exception):
@@ -76,18 +85,21 @@ class IAPOArgumentParser(argparse.ArgumentParser):
 def check_iapo_combination(args: argparse.Namespace) -> None:
     """IAPO-specific impossible combinations, before OpenRLHF's own checks and any Ray actor."""
     get = lambda key: getattr(args, key)  # noqa: E731 - flat dotted names before hierarchize
-    try:
-        cfg = iapo_config_from_args(args)
-    except ConfigError as e:
-        raise UsageError(f"--{e}") from None
-    if get("stock_openrlhf") and (cfg.alpha != 0 or cfg.beta != 0):
-        raise UsageError(f"--stock-openrlhf: OpenRLHF's own classes add no IAPO shaping, got --iapo.alpha {cfg.alpha} "
-                         f"--iapo.beta {cfg.beta}; pass --iapo.alpha 0 --iapo.beta 0 to compare with an IAPO run")
     if get("rollout.n_samples_per_prompt") < 2:
         raise UsageError(
             f"--rollout.n_samples_per_prompt {get('rollout.n_samples_per_prompt')}: IAPO normalises rewards within "
             "the samples of one prompt, expected >= 2 (the paper uses 8)"
         )
+    try:
+        cfg = iapo_config_from_args(args)
+        methods = method_config_from_args(args)
+    except ConfigError as e:
+        raise UsageError(f"--{e}") from None
+    if get("stock_openrlhf") and (cfg.alpha != 0 or cfg.beta != 0 or methods.method not in STOCK_METHODS):
+        raise UsageError(f"--stock-openrlhf: OpenRLHF's own classes run none of this plugin's shaping, got --iapo.method "
+                         f"{methods.method} --iapo.alpha {cfg.alpha} --iapo.beta {cfg.beta}; compare with "
+                         "--iapo.method grpo (or iapo with --iapo.alpha 0 --iapo.beta 0)")
+    check_method_combination(args, methods)
     estimator = get("algo.advantage.estimator")
     if estimator not in GROUP_ESTIMATORS:
         kind = "critic-based (gae)" if estimator == "gae" else "not a per-prompt group baseline"
@@ -98,7 +110,7 @@ def check_iapo_combination(args: argparse.Namespace) -> None:
     if get("train.async_enable"):
         raise UsageError("--train.async_enable: the IAPO experience maker is wired into the synchronous PPOTrainer "
                          "only, expected it off")
-    if get("ds.ring_attn_size") > 1 and (cfg.alpha != 0 or cfg.exploration == "entropy"):
+    if get("ds.ring_attn_size") > 1 and (needs_mi(cfg) or needs_next_token_entropy(cfg)):
         raise UsageError("--ds.ring_attn_size > 1: the MI estimator does not run under ring attention, expected 1 "
                          "(use --ds.tensor_parallel_size to shard long sequences)")
     for url in (get("reward.remote_url") or "").split(","):
@@ -112,6 +124,33 @@ def check_iapo_combination(args: argparse.Namespace) -> None:
         except ConfigError as e:
             raise UsageError(str(e)) from None
     args.iapo_postfix_checked = tokenizer is not None
+
+
+def check_method_combination(args: argparse.Namespace, methods) -> None:
+    """What a method needs from OpenRLHF's own options (flat args, before hierarchize)."""
+    get = lambda key: getattr(args, key)  # noqa: E731
+    method = methods.method
+    if method == "gfpo":
+        kept = get("rollout.batch_size") * group_size(methods)
+        if not get("reward.remote_url"):
+            raise UsageError("--iapo.method gfpo: GFPO ranks each prompt's samples by reward before the experience "
+                             "pass, expected --reward.remote_url (rewards with the rollouts), not a reward model")
+        if kept % get("train.batch_size"):
+            raise UsageError(
+                f"--train.batch_size {get('train.batch_size')}: GFPO trains on --rollout.batch_size x --gfpo.keep = "
+                f"{kept} samples per rollout step, expected a divisor of {kept} (e.g. --train.batch_size {kept})")
+        actors = get("actor.num_nodes") * get("actor.num_gpus_per_node") // get("ds.ring_attn_size") \
+            // get("ds.tensor_parallel_size")
+        if kept // get("rollout.micro_batch_size") < actors:
+            raise UsageError(f"--rollout.micro_batch_size {get('rollout.micro_batch_size')}: the {kept} samples GFPO "
+                             f"keeps make fewer micro-batches than the {actors} actor processes, expected a smaller one")
+    if method == "gtpo" and get("algo.kl.init_coef") > 0 and not get("algo.kl.use_loss"):
+        raise UsageError("--iapo.method gtpo: GTPO replaces OpenRLHF's advantages, expected --algo.kl.use_loss "
+                         "(KL as a loss term; a KL in the reward would be dropped)")
+    if ib_coef(methods) > 0 and get("actor.entropy_coef") is None:
+        # OpenRLHF computes the policy's entropy (with its gradient) only when entropy_coef is set;
+        # 0 adds no entropy bonus of its own and logs entropy_loss.
+        setattr(args, "actor.entropy_coef", 0.0)
 
 
 def _local_tokenizer(path: str | None):
@@ -190,7 +229,24 @@ def print_dry_run(args: SimpleNamespace, out=None) -> None:
     i = args.iapo
     postfix = "checked" if getattr(args, "iapo_postfix_checked", False) else "checked when the actor starts (tokenizer not on this machine)"
     print(f"IAPO: alpha {i.alpha}, beta {i.beta}, postfix {i.postfix!r} ({postfix}), predict_mode {i.predict_mode}, "
-          f"probe_stride {i.probe_stride}, exploration {i.exploration}", file=out)
+          f"probe_stride {i.probe_stride}, exploration {i.exploration}, shaping_norm {i.shaping_norm}", file=out)
+    print(method_summary(args), file=out)
+
+
+def method_summary(args: SimpleNamespace) -> str:
+    """One line: the method and its knobs as they will be used (defaults filled in)."""
+    from ..config import METHOD_SECTIONS, SECTION_METHODS, resolved_section
+
+    cfg = method_config_from_args(args)
+    alpha, beta = iapo_config_from_args(args).alpha, iapo_config_from_args(args).beta
+    parts = [f"Method: {cfg.method}"]
+    if cfg.method == "iapo":
+        parts.append(f"alpha {alpha}, beta {beta}")
+    for section in METHOD_SECTIONS:
+        if cfg.method in SECTION_METHODS[section] and (section != "ib" or ib_coef(cfg) > 0):
+            knobs = vars(resolved_section(cfg, section))
+            parts.append(f"{section}: " + ", ".join(f"{k} {v}" for k, v in knobs.items()))
+    return "; ".join(parts)
 
 
 def _openrlhf_main_block(module) -> ast.Module:

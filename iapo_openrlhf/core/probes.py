@@ -1,0 +1,62 @@
+"""Which prefixes the estimator probes, and how probed entropies fill the columns in between.
+
+Every layout (padded or packed, single- or multi-turn) is reduced to a list of `Probes`: one per
+(sample, probed column), each with the key range it sees and the position id of its first
+postfix token. The schedulers (`chunked.py`, `references.py`) only ever see this list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Probes:
+    """N probes. Probe k sees cache columns c with key_valid[row, c] and lo <= c < hi, and its
+    postfix tokens get position ids pos .. pos + P - 1. (sample, j) says where its entropy goes.
+    All on the CPU: they only index; what reaches the model is moved to its device per chunk."""
+
+    row: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    pos: torch.Tensor
+    sample: torch.Tensor
+    j: torch.Tensor
+
+
+def action_spans(mask_row: torch.Tensor) -> list[tuple[int, int]]:
+    """Maximal runs [start, end) of ones in a (A,) 0/1 row: one per action span (turn)."""
+    m = mask_row.bool().tolist()
+    spans, start = [], None
+    for t, on in enumerate(m + [False]):
+        if on and start is None:
+            start = t
+        elif not on and start is not None:
+            spans.append((start, t))
+            start = None
+    return spans
+
+
+def span_probes(start: int, end: int, stride: int) -> list[int]:
+    """Columns probed for the span [start, end): start, start + stride, ... and always end (the
+    entropy after its last token)."""
+    positions = list(range(start, end + 1, stride))
+    if positions[-1] != end:
+        positions.append(end)
+    return positions
+
+
+def interpolate(values: torch.Tensor, positions: list[int], out: torch.Tensor) -> None:
+    """Fill out[positions[0] .. positions[-1]] from `values` at `positions` (sorted columns of one
+    span), linearly in between, so the entropy drop of a stride is spread over its tokens;
+    probed columns keep their value bit for bit."""
+    pos = torch.tensor(positions, dtype=torch.float32)
+    grid = torch.arange(positions[0], positions[-1] + 1, dtype=torch.float32)
+    right = torch.searchsorted(pos, grid).clamp(max=len(positions) - 1)
+    left = (right - 1).clamp(min=0)
+    w = (grid - pos[left]) / (pos[right] - pos[left]).clamp(min=1)
+    values = values.to(out.dtype)
+    interp = values[left] + w * (values[right] - values[left])
+    out[positions[0] : positions[-1] + 1] = torch.where(pos[right] == grid, values[right], interp)
