@@ -131,11 +131,16 @@ def test_phase_table_from_events():
     assert rows["total (process start to end)"] == 88
 
 
-def test_stock_openrlhf_refuses_iapo_weights(capsys):
-    assert launch.main(BASE + ["--stock-openrlhf", "--iapo.beta", "0.1"]) == 2
+@pytest.mark.parametrize("extra", [["--iapo.beta", "0.1"], ["--iapo.beta", "0", "--iapo.method", "gtpo"]])
+def test_stock_openrlhf_refuses_what_only_the_plugin_runs(extra, capsys):
+    assert launch.main(BASE + ["--stock-openrlhf", *extra]) == 2
     err = capsys.readouterr().err
-    assert "--stock-openrlhf: OpenRLHF's own classes add no IAPO shaping" in err and err.count("\n") == 1
-    assert launch.parse_args(BASE + ["--stock-openrlhf", "--iapo.beta", "0"]).stock_openrlhf
+    assert "--stock-openrlhf: OpenRLHF's own classes run none of this plugin's shaping" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("extra", [["--iapo.beta", "0"], ["--iapo.method", "grpo"]])
+def test_stock_openrlhf_with_what_openrlhf_runs_itself(extra):
+    assert launch.parse_args(BASE + ["--stock-openrlhf", *extra]).stock_openrlhf
 
 
 def test_leftover_processes_of_the_run_are_ended(monkeypatch):
