@@ -60,7 +60,31 @@ def test_cpu_defaults_attention_to_sdpa_and_syncs_over_gloo(capsys):
 
 def test_dry_run_with_cpu(capsys):
     assert launch.main(BASE + ["--dry-run"]) == 0
-    assert "GPUs requested: 3" in capsys.readouterr().out  # the fake GPUs the local Ray declares
+    out = capsys.readouterr().out
+    assert "GPUs requested: 3" in out and "--cpu: a local Ray declaring 3 fake GPUs and 5 CPUs" in out
+
+
+def test_ray_tiny_config_is_valid_for_both_backends():
+    from iapo_openrlhf.config import load_config
+    from iapo_openrlhf.openrlhf.config_args import openrlhf_args
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "ray_tiny.yaml"
+    cfg = load_config(str(config), local_files=False)
+    assert cfg.cluster.colocate_all is False and cfg.cluster.vllm_gpu_memory_utilization <= 0.5
+    argv = openrlhf_args(cfg, REWARD) + ["--cpu"]
+    args = launch.parse_args(argv)
+    cpu_mode.check_args(args, argv)  # nothing --cpu refuses
+    assert args.iapo.alpha > 0 and args.iapo.beta > 0
+
+
+def test_tiny_model_command_errors_are_one_line(tmp_path, capsys):
+    from iapo_openrlhf.local import tiny
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  task: jsonl\n  train_path: {tmp_path / 'missing.jsonl'}\nmodel:\n  path: {tmp_path}/m\n")
+    assert tiny.main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "data.train_path:" in err and "is not a file" in err and err.count("\n") == 1
 
 
 def test_cpu_needs_the_real_vllm_but_not_flash_attn(monkeypatch, capsys):
