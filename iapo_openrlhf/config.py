@@ -31,6 +31,9 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16
     warmstart_steps: int = 1000  # SFT steps of the synthetic warm start when path is None
     warmstart_lr: float = 1e-2
+    # Weight of the early-exit answer loss in that warm start (0: plain SFT; issue 18: > 0 trains the
+    # answer after traces cut anywhere + iapo.postfix, so the estimator's probe is calibrated).
+    warmstart_early_exit: float = 0.0
 
 
 @dataclass
@@ -42,6 +45,7 @@ class DataConfig:
     label_key: str = "answer"
     system_prompt: str = "r1"  # r1 | none
     redundancy: float = 0.8  # synthetic: chance that a warm-start trace is verbose at all
+    variant: str = "classic"  # synthetic: which redundant segments traces have (tasks/synthetic.py VARIANTS)
     num_test: int = 64  # test problems for periodic and final evaluation (0: whole split)
 
 
@@ -74,6 +78,9 @@ class IapoConfig:
     predict_mode: str = "postfix"
     chunk_tokens: int | None = None
     probe_stride: int = 1
+    # A regular expression: probe only after tokens whose text matches it (and at each response's
+    # start and end), e.g. "\n" for one probe per line; None: every position (or probe_stride).
+    probe_after: str | None = None
     mi_smoothing: str = "none"
     mi_horizon: int = 1
     mi_decay: float = 1.0
@@ -218,6 +225,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "data.task": ("synthetic", "jsonl"),
     "data.system_prompt": ("r1", "none"),
+    "data.variant": ("classic", "neutral"),
     "train.loss_agg": ("token_mean", "seq_mean"),
     "iapo.predict_mode": ("postfix", "next_token"),
     "iapo.mi_smoothing": ("none", "official"),
@@ -290,7 +298,13 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"--set {override}: expected key=value, e.g. --set iapo.alpha=0.5")
     key, text = override.split("=", 1)
-    value = yaml.safe_load(text) if text != "" else None
+    # A value YAML cannot parse (a regular expression such as "[.?]" reads as a broken list) is
+    # a one-line error naming the fix, not a parser traceback.
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {override}: the value is not valid YAML, expected it quoted, "
+                          f"e.g. --set \"{key}='{text}'\"") from None
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -376,6 +390,19 @@ def validate(cfg: Config, *, local_files: bool = True) -> None:
             f"rollout.n_samples_per_prompt: got {cfg.rollout.n_samples_per_prompt}, expected >= 2 "
             f"({cfg.method} normalises rewards within the group of samples of one prompt)"
         )
+    if cfg.iapo.probe_after is not None:
+        import re
+
+        try:
+            re.compile(cfg.iapo.probe_after)
+        except re.error as e:
+            raise ConfigError(f"iapo.probe_after: {cfg.iapo.probe_after!r} is not a regular expression ({e}), "
+                              "expected e.g. '\\n' (probe after every token with a newline)") from None
+        if cfg.iapo.probe_stride != 1:
+            raise ConfigError(f"iapo.probe_after: set with iapo.probe_stride={cfg.iapo.probe_stride}, expected "
+                              "probe_stride 1 (probe at segment boundaries or every k-th position, not both)")
+    if cfg.model.warmstart_early_exit < 0:
+        raise ConfigError(f"model.warmstart_early_exit: got {cfg.model.warmstart_early_exit}, expected a value >= 0")
     if not 0 <= cfg.iapo.mi_decay <= 1:
         raise ConfigError(f"iapo.mi_decay: got {cfg.iapo.mi_decay}, expected a number in [0, 1]")
     if cfg.iapo.predict_mode == "postfix" and cfg.method in ("iapo", "significance") and not cfg.iapo.postfix:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -127,6 +128,141 @@ def test_probe_stride_three_interpolates_naive(qwen, mixed_reference):
                 w = (j - left) / (right - left)
                 expect = ref[i, left] + w * (ref[i, right] - ref[i, left])
                 assert abs(got[i, j] - expect) < 1e-4, (i, j)
+
+
+def _boundaries(seq, act):
+    """A third of the token ids that occur in the responses: the 'segment-ending' tokens of the
+    boundary-probe tests (with random tokens, some spans get several boundaries, some none)."""
+    return sorted(set(seq[:, -act.shape[1]:][act.bool()].tolist()))[::3]
+
+
+def test_probe_after_ids_interpolates_naive(qwen, mixed_reference):
+    """Probes only at span start, after each boundary token and at span end: the chunked estimator
+    equals the naive reference on the same probes, probed columns equal the every-position naive
+    entropies and the columns in between are their linear interpolation."""
+    seq, att, act, ref = mixed_reference
+    ids = _boundaries(seq, act)
+    got = answer_entropy(qwen, seq, att, act, POSTFIX, probe_after_ids=ids, chunk_tokens=7)
+    naive = answer_entropy(qwen, seq, att, act, POSTFIX, probe_after_ids=ids, method="naive")
+    torch.testing.assert_close(got, naive, atol=1e-4, rtol=0)
+    tokens = seq[:, -act.shape[1]:]
+    fewer = 0
+    for i, n in enumerate(act.sum(-1).tolist()):
+        probed = sorted({0, n} | {t + 1 for t in range(n) if int(tokens[i, t]) in ids})
+        fewer += len(probed) < n + 1
+        for left, right in zip(probed, probed[1:]):
+            for j in range(left, right + 1):
+                w = (j - left) / (right - left)
+                expect = ref[i, left] + w * (ref[i, right] - ref[i, left])
+                assert abs(got[i, j] - expect) < 1e-4, (i, j)
+    assert fewer > 0  # the test would prove nothing if every column were probed
+
+
+def test_probe_after_ids_packed_and_multi_span(qwen):
+    seq, att, act = _right_padded([3, 2, 5], [6, 4, 2])
+    act[0, 4] = False  # row 0: two spans (a multi-turn rollout)
+    ids = _boundaries(seq, act)
+    padded = answer_entropy(qwen, seq, att, act, POSTFIX, probe_after_ids=ids, chunk_tokens=5)
+    torch.testing.assert_close(answer_entropy(qwen, seq, att, act, POSTFIX, probe_after_ids=ids, packed=True),
+                               padded, atol=1e-4, rtol=0)
+    torch.testing.assert_close(answer_entropy(qwen, seq, att, act, POSTFIX, probe_after_ids=ids, method="naive"),
+                               padded, atol=1e-4, rtol=0)
+
+
+def test_span_probes_at_boundaries():
+    from iapo_openrlhf.core.probes import span_probes
+
+    assert span_probes(2, 9, 1, boundaries=[3, 5, 8]) == [2, 4, 6, 9]  # after the span's last token: its end
+    assert span_probes(2, 9, 1, boundaries=[]) == [2, 9]
+    assert span_probes(0, 1, 1, boundaries=[0]) == [0, 1]
+    with pytest.raises(ValueError, match="stride 1"):
+        span_probes(0, 5, 2, boundaries=[1])
+
+
+def test_boundary_token_ids_of_the_synthetic_tokenizer():
+    from iapo_openrlhf.core.probes import boundary_token_ids
+    from iapo_openrlhf.tasks.synthetic import build_tokenizer
+
+    tok = build_tokenizer()
+    texts = [tok.decode([i]) for i in boundary_token_ids(tok, r"[.?]")]
+    assert {" .", " ?"} <= set(texts) and all("." in t or "?" in t for t in texts)  # also the bare characters
+
+
+PROBE_AFTER_TOY = ["model.warmstart_steps=3", "rollout.prompts_per_step=2", "rollout.n_samples_per_prompt=2",
+                   "rollout.max_new_tokens=24", "dapo.overlong_buffer=4", "data.num_test=2", "eval.k=[1]", "train.steps=1",
+                   "train.micro_batch_size=4", "method=iapo"]
+
+
+def test_probe_after_config_plumbing_local_backend(tmp_path, monkeypatch):
+    """iapo.probe_after in the config reaches the local trainer's estimator as the ids of the
+    tokens the pattern matches (and a pattern matching no token, a bad pattern, or one with a
+    stride, is a one-line ConfigError)."""
+    from iapo_openrlhf.config import ConfigError, load_config
+    from iapo_openrlhf.core.probes import boundary_token_ids
+    from iapo_openrlhf.local import trainer as trainer_mod
+    from iapo_openrlhf.tasks.synthetic import build_tokenizer
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("probe_after_ids"))
+        return answer_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "answer_entropy", spy)
+    cfg = load_config("configs/local_tiny.yaml", [*PROBE_AFTER_TOY, f"output.dir={tmp_path}", "iapo.probe_after='[.?]'"])
+    assert cfg.iapo.probe_after == "[.?]"
+    trainer_mod.LocalTrainer(cfg, progress=False).train()
+    assert seen[0] == boundary_token_ids(build_tokenizer(), "[.?]") and seen[0]
+    for override, message in (("iapo.probe_after='('", "iapo.probe_after: '(' is not a regular expression"),
+                              ("iapo.probe_after=[.?]", "the value is not valid YAML, expected it quoted"),
+                              ("iapo.probe_stride=2", "iapo.probe_after: set with iapo.probe_stride=2")):
+        extra = [override] if "probe_stride" not in override else [override, "iapo.probe_after=x"]
+        with pytest.raises(ConfigError, match=re.escape(message)) as err:
+            load_config("configs/local_tiny.yaml", extra)
+        assert "\n" not in str(err.value)
+    cfg = load_config("configs/local_tiny.yaml", [*PROBE_AFTER_TOY, f"output.dir={tmp_path / 'none'}",
+                                                  "iapo.probe_after=zzzz"])
+    with pytest.raises(ConfigError, match="iapo.probe_after: 'zzzz' matches no token"):
+        trainer_mod.LocalTrainer(cfg, progress=False).train()
+
+
+def test_probe_after_config_plumbing_openrlhf_backend():
+    """The same option through the OpenRLHF backend: the config's pattern becomes
+    --iapo.probe_after, OpenRLHF's parser keeps it, the actor's IapoConfig has it, and the actor's
+    forward hands the matched ids to the estimator (equal to the estimator called directly)."""
+    pytest.importorskip("openrlhf", reason="OpenRLHF is installed by .ci/run (pip install --no-deps openrlhf)")
+    from pathlib import Path
+
+    from iapo_openrlhf.config import load_config
+    from iapo_openrlhf.openrlhf import cpu_stubs
+
+    cpu_stubs.install()
+    from openrlhf.models import Actor
+
+    from iapo_openrlhf.openrlhf import launch
+    from iapo_openrlhf.openrlhf.actor import iapo_forward
+    from iapo_openrlhf.openrlhf.config_args import openrlhf_args
+    from iapo_openrlhf.openrlhf.settings import iapo_config_from_args
+
+    reward = str(Path(__file__).with_name("data") / "digits_reward.py")
+    config = Path(__file__).resolve().parent.parent / "configs" / "ray_tiny.yaml"
+    for pattern, expect in (("'\\n'", "\\n"), ('"[.?]"', "[.?]"), (None, None)):
+        cfg = load_config(str(config), [] if pattern is None else [f"iapo.probe_after={pattern}"], local_files=False)
+        argv = openrlhf_args(cfg, reward) + ["--cpu"]
+        assert ("--iapo.probe_after" in argv) == (expect is not None)
+        assert iapo_config_from_args(launch.parse_args(argv)).probe_after == expect
+    model = tiny_model()
+    model.config.use_cache = False
+    actor = Actor(model, temperature=1.0)
+    actor.packing_samples = False
+    seq, att, act = _right_padded([3, 2, 5], [6, 4, 2])
+    ids = _boundaries(seq, act)
+    iapo = iapo_config_from_args(launch.parse_args(openrlhf_args(cfg, reward) + ["--cpu"]))
+    out = iapo_forward(actor, seq, act, att, iapo, POSTFIX, ids)
+    h = answer_entropy(model, seq, att, act, POSTFIX, probe_after_ids=ids)
+    torch.testing.assert_close(out["mi"], token_mi(h, act), atol=1e-5, rtol=0)
+    every = iapo_forward(actor, seq, act, att, iapo, POSTFIX, None)
+    assert not torch.allclose(every["mi"], out["mi"], atol=1e-5)  # the ids were used
 
 
 def test_log_probs_equal_plain_forward(qwen, mixed_reference):
@@ -293,6 +429,7 @@ def test_restores_train_mode_and_keeps_no_grad(qwen):
         (dict(postfix_ids=[]), "postfix_ids: got an empty postfix"),
         (dict(method="fast"), "method: got 'fast'"),
         (dict(probe_stride=0), "probe_stride: got 0"),
+        (dict(probe_stride=2, probe_after_ids=[5]), "probe_after_ids: given with probe_stride=2"),
         (dict(chunk_tokens=0), "chunk_tokens: got 0"),
         (dict(temperature=0.0), "temperature: got 0.0"),
         (dict(predict_mode="answer"), "predict_mode: got 'answer'"),

@@ -205,3 +205,117 @@ def test_warm_start_writes_a_loadable_model(tmp_path):
     )
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_neutral_variant_writes_no_number_in_redundant_segments(tokenizer):
+    """Issue 18's task option: the same problems and necessary steps as the classic task; the
+    redundant segments are fillers and restatements of the question's last sentence only, which
+    write no digit and no order word (nothing the next step reads)."""
+    from iapo_openrlhf.tasks.synthetic import _FILLERS, ORDER_WORDS
+
+    classic, neutral = SyntheticTask(4), SyntheticTask(4, variant="neutral")
+    assert classic.problems("test", 50) == neutral.problems("test", 50)
+    rng = random.Random(0)
+    kinds = set()
+    for problem in neutral.problems("train", 300):
+        trace = neutral.sample_trace(problem, rng)
+        steps = [s.text for s in trace.segments if s.kind == "step"]
+        assert steps == [s.text for s in problem.steps]
+        for seg in trace.segments:
+            if seg.redundant:
+                kinds.add(seg.kind)
+                assert seg.text in {" " + problem.sentences[-1], *(" " + f for f in _FILLERS)}
+                assert not any(c.isdigit() for c in seg.text)
+                assert not set(seg.text.split()) & set(ORDER_WORDS)
+        ids = tokenizer(trace.completion, add_special_tokens=False).input_ids
+        assert tuple(ids) == trace.token_ids and len(trace.redundant_mask) == len(ids)
+    assert kinds == {"restate", "filler"}
+    with pytest.raises(ValueError, match="variant"):
+        SyntheticTask(0, variant="noisy")
+
+
+def test_classic_traces_are_unchanged_by_the_variant_option():
+    rng_a, rng_b = random.Random(7), random.Random(7)
+    a, b = SyntheticTask(2), SyntheticTask(2, variant="classic")
+    for problem in a.problems("train", 100):
+        assert a.sample_trace(problem, rng_a) == b.sample_trace(problem, rng_b)
+
+
+def test_early_exit_warm_start(tmp_path):
+    """early_exit_weight > 0 adds the answer after cut traces to the loss (other weights than
+    plain SFT after 3 steps); its rows come from their own generator, so weight 0 stays bit for
+    bit today's warm start."""
+    from iapo_openrlhf.tasks.warmstart import _early_exit_rows
+
+    tok = build_tokenizer()
+    task = SyntheticTask(0, variant="neutral")
+    problems = task.problems("train", 16)
+    prompt_ids = tok([p.prompt for p in problems], add_special_tokens=False).input_ids
+    rows = next(_early_exit_rows(task, problems, prompt_ids, tok, random.Random(0), 8, "</think><answer>"))
+    for ids, first in rows:
+        text = tok.decode(ids)
+        assert tok.decode(ids[:first]).endswith("</think><answer>")
+        assert text.endswith("</answer>") and check_answer(text[text.rindex("<answer>"):], int(tok.decode(ids[first:-1])))
+    kwargs = dict(steps=3, batch_size=4, n_train_problems=64, progress=False, task=task)
+    plain = AutoModelForCausalLM.from_pretrained(warm_start(tmp_path / "plain", **kwargs))
+    zero = AutoModelForCausalLM.from_pretrained(warm_start(tmp_path / "zero", early_exit_weight=0.0, **kwargs))
+    probe = AutoModelForCausalLM.from_pretrained(warm_start(tmp_path / "probe", early_exit_weight=1.0, **kwargs))
+    for a, b in zip(plain.state_dict().values(), zero.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), probe.state_dict().values()))
+    with pytest.raises(ValueError, match="early_exit_weight"):
+        warm_start(tmp_path / "bad", early_exit_weight=-1.0, **kwargs)
+
+
+def test_early_exit_stage_script_equals_the_one_call_warm_start(tmp_path):
+    """scripts/early_exit_stage.py on a saved plain warm start gives the model of
+    warm_start(early_exit_steps=...) bit for bit (how the README's issue-18 warm start was made)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "early_exit_stage.py"
+    spec = importlib.util.spec_from_file_location("early_exit_stage", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    common = dict(seed=0, batch_size=4, n_train_problems=64, warmup_steps=1)
+    task = SyntheticTask(0, variant="neutral")
+    one_call = warm_start(tmp_path / "one", steps=3, task=task, progress=False, early_exit_weight=0.5,
+                          early_exit_steps=2, early_exit_lr=1e-3, **common)
+    plain = warm_start(tmp_path / "plain", steps=3, task=SyntheticTask(0, variant="neutral"), progress=False, **common)
+    staged = script.early_exit_stage(plain, tmp_path / "staged", variant="neutral", weight=0.5, steps=2, lr=1e-3,
+                                     stage1_steps=3, **common)
+    a = AutoModelForCausalLM.from_pretrained(one_call).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(staged).state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_variant_and_early_exit_config_reach_the_local_warm_start(tmp_path, monkeypatch):
+    """data.variant and model.warmstart_early_exit of the config reach the local backend's task and
+    warm start (bad values: one-line ConfigError)."""
+    import re
+
+    from iapo_openrlhf.config import ConfigError, load_config
+    from iapo_openrlhf.local.trainer import LocalTrainer
+    from iapo_openrlhf.tasks import warmstart
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def spy(out_dir, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(warmstart, "warm_start", spy)
+    cfg = load_config("configs/local_tiny.yaml", [f"output.dir={tmp_path}", "data.variant=neutral",
+                                                  "model.warmstart_early_exit=0.3"])
+    with pytest.raises(Stop):
+        LocalTrainer(cfg, progress=False).train()
+    assert seen["task"].variant == "neutral" and seen["early_exit_weight"] == 0.3
+    assert seen["early_exit_postfix"] == cfg.iapo.postfix
+    for override, message in (("data.variant=noisy", "data.variant: got 'noisy', expected one of"),
+                              ("model.warmstart_early_exit=-1", "model.warmstart_early_exit: got -1")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config("configs/local_tiny.yaml", [override])

@@ -34,7 +34,7 @@ from .modeling import additive_mask, check_no_sliding_window, param_dtype, sdpa_
 from .parallel import EstimatorSession
 from .peer_failure import fail_together
 from .probe_cache import ProbeCache
-from .probes import Probes, action_spans, interpolate, span_probes
+from .probes import Probes, action_spans, boundary_token_ids, interpolate, span_probes  # noqa: F401
 from .references import kv_copy_entropies, naive_entropies
 
 METHODS = ("chunked", "naive", "kv_copy")
@@ -108,6 +108,7 @@ def answer_entropy(
     predict_mode: str = "postfix",
     return_log_probs: bool = False,
     packed: bool = False,
+    probe_after_ids: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Early-exit answer entropies, (B, A + 1) fp32 on the CPU.
 
@@ -123,6 +124,11 @@ def answer_entropy(
     `token_mi` gives action token t the drop h[t] - h[t + 1].
     chunk_tokens: probe tokens per forward (rows * C * P); None picks it from a memory budget.
     probe_stride: probe every k-th column of a span (and its end), interpolate the rest linearly.
+    probe_after_ids: token ids that end a segment (`probes.boundary_token_ids(tokenizer, "\\n")`):
+        probe only at each span's start, right after each of these tokens, and at the span's end,
+        and interpolate linearly in between, so each segment's entropy drop is spread evenly over
+        its tokens (as probe_stride spreads a stride's). One probe per segment instead of one per
+        token. None (default): every column. Needs probe_stride 1; unused with next_token.
     predict_mode: "postfix" (the probe) or "next_token" (the policy's own next-token entropy,
         free from the preload forward; probe_stride and the postfix are unused).
     return_log_probs: also return (B, A) fp32 log-probs of the action tokens from the preload
@@ -163,7 +169,16 @@ def answer_entropy(
                 f"{row_spans[0][0]}), expected at least one prompt token"
             )
     stride = probe_stride if predict_mode == "postfix" else 1
-    plan = [(k, span_probes(start, end, stride)) for k in range(b) for start, end in spans[k]]
+    ends_segment = None
+    if probe_after_ids is not None and predict_mode == "postfix":
+        if probe_stride != 1:
+            raise ValueError(f"probe_after_ids: given with probe_stride={probe_stride}, expected probe_stride=1 "
+                             "(probe at segment boundaries or every k-th column, not both)")
+        ids = torch.as_tensor(probe_after_ids, dtype=torch.long).flatten()
+        ends_segment = (torch.isin(sequences[:, first:].cpu(), ids) & act).tolist()  # (B, A): token t ends a segment
+    plan = [(k, span_probes(start, end, stride, None if ends_segment is None else
+                            [t for t in range(start, end) if ends_segment[k][t]]))
+            for k in range(b) for start, end in spans[k]]
     k_of = torch.tensor([k for k, ps in plan for _ in ps], dtype=torch.long)
     j_of = torch.tensor([j for _, ps in plan for j in ps], dtype=torch.long)
 

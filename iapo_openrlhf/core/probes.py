@@ -39,13 +39,35 @@ def action_spans(mask_row: torch.Tensor) -> list[tuple[int, int]]:
     return spans
 
 
-def span_probes(start: int, end: int, stride: int) -> list[int]:
+def span_probes(start: int, end: int, stride: int, boundaries: list[int] | None = None) -> list[int]:
     """Columns probed for the span [start, end): start, start + stride, ... and always end (the
-    entropy after its last token)."""
+    entropy after its last token).
+
+    boundaries (stride 1 only): the columns t of the span whose token ends a segment (a newline, a
+    sentence's full stop); then only start, t + 1 for each of them, and end are probed: one probe
+    per segment boundary, and `interpolate` spreads each segment's entropy drop evenly over its
+    tokens, as a stride does over its columns.
+    """
+    if boundaries is not None:
+        if stride != 1:
+            raise ValueError(f"boundaries: given with stride {stride}, expected stride 1 (one or the other)")
+        inner = sorted({t + 1 for t in boundaries if start <= t < end - 1})
+        return [start, *inner, end] if end > start else [start]
     positions = list(range(start, end + 1, stride))
     if positions[-1] != end:
         positions.append(end)
     return positions
+
+
+def boundary_token_ids(tokenizer, pattern: str) -> list[int]:
+    """Ids of the vocabulary's tokens whose decoded text matches the regular expression `pattern`
+    (`re.search`), e.g. "\\n" for every token that contains a newline: the tokens after which
+    `answer_entropy(..., probe_after_ids=...)` probes."""
+    import re
+
+    regex = re.compile(pattern)
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return [i for i, text in enumerate(texts) if regex.search(text)]
 
 
 def interpolate(values: torch.Tensor, positions: list[int], out: torch.Tensor) -> None:

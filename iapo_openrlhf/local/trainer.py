@@ -122,7 +122,8 @@ class LocalTrainer:
             from ..tasks.warmstart import warm_start
 
             warm_start(target, seed=cfg.seed, steps=cfg.model.warmstart_steps, lr=cfg.model.warmstart_lr,
-                       task=self.task, progress=self.progress)
+                       task=self.task, progress=self.progress, early_exit_weight=cfg.model.warmstart_early_exit,
+                       early_exit_postfix=cfg.iapo.postfix)
         else:
             from .tiny import tiny_model_from_texts
 
@@ -135,7 +136,7 @@ class LocalTrainer:
         if cfg.data.task == "synthetic":
             from ..tasks.synthetic import SyntheticTask
 
-            self.task = SyntheticTask(cfg.seed, redundancy=cfg.data.redundancy)
+            self.task = SyntheticTask(cfg.seed, redundancy=cfg.data.redundancy, variant=cfg.data.variant)
             self.train_examples = synthetic_examples(self.task, "train", 4096)
             self.test_examples = synthetic_examples(self.task, "test", cfg.data.num_test or 256)
         else:
@@ -160,6 +161,14 @@ class LocalTrainer:
         if needs_mi(cfg) and cfg.iapo.predict_mode == "postfix" and not postfix:
             raise ConfigError(f"iapo.postfix: {cfg.iapo.postfix!r} tokenizes to nothing, expected a postfix with tokens")
         self.postfix_ids = postfix
+        self.probe_after_ids = None
+        if needs_mi(cfg) and cfg.iapo.probe_after is not None and cfg.iapo.predict_mode == "postfix":
+            from ..core.probes import boundary_token_ids
+
+            self.probe_after_ids = boundary_token_ids(self.tokenizer, cfg.iapo.probe_after)
+            if not self.probe_after_ids:
+                raise ConfigError(f"iapo.probe_after: {cfg.iapo.probe_after!r} matches no token of the tokenizer, "
+                                  "expected a pattern that some tokens contain (e.g. '\\n')")
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
         self.step = 0
         self.position = 0
@@ -250,6 +259,7 @@ class LocalTrainer:
                 self.model, seq, att, act, self.postfix_ids if cfg.iapo.predict_mode == "postfix" else None,
                 chunk_tokens=cfg.iapo.chunk_tokens, temperature=cfg.rollout.temperature,
                 probe_stride=cfg.iapo.probe_stride, predict_mode=cfg.iapo.predict_mode, return_log_probs=True,
+                probe_after_ids=self.probe_after_ids,
             )
             mi = token_mi(h, act.cpu(), smoothing=cfg.iapo.mi_smoothing, horizon=cfg.iapo.mi_horizon,
                           decay=cfg.iapo.mi_decay)

@@ -18,6 +18,7 @@ from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
 
 from ..config import IapoConfig
 from ..core.mi import answer_entropy, token_mi
+from ..core.probes import boundary_token_ids
 from .loss_options import install_loss_options
 from .settings import iapo_config_from_args, needs_mi, needs_next_token_entropy, postfix_token_ids
 
@@ -41,6 +42,7 @@ def iapo_forward(
     attention_mask: torch.Tensor,
     cfg: IapoConfig,
     postfix_ids: list[int],
+    probe_after_ids: list[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One estimator pass on an OpenRLHF `Actor` (its `.model` a DeepSpeed engine or a HF model),
     on the micro-batch OpenRLHF's experience maker sends.
@@ -68,7 +70,8 @@ def iapo_forward(
         if needs_mi(cfg):
             postfix = postfix_ids if cfg.predict_mode == "postfix" else None
             h, log_probs = answer_entropy(actor.model, sequences, attention_mask, action_mask, postfix,
-                                          predict_mode=cfg.predict_mode, probe_stride=cfg.probe_stride, **common)
+                                          predict_mode=cfg.predict_mode, probe_stride=cfg.probe_stride,
+                                          probe_after_ids=probe_after_ids, **common)
             out["mi"] = token_mi(h, valid, smoothing=cfg.mi_smoothing, horizon=cfg.mi_horizon, decay=cfg.mi_decay)
             any_action = valid.any(-1)
             first = valid.long().argmax(-1)
@@ -108,6 +111,9 @@ class IAPOPolicyModelActor(unwrap_ray_class(PolicyModelActor)):
         super().init_model_from_pretrained(strategy, pretrain, max_steps, vllm_engines)
         self.iapo = iapo_config_from_args(strategy.args)
         self.iapo_postfix_ids = postfix_token_ids(self.tokenizer, self.iapo)
+        self.iapo_probe_after_ids = None  # --iapo.probe_after: probe only after these tokens
+        if self.iapo.probe_after is not None and needs_mi(self.iapo):
+            self.iapo_probe_after_ids = boundary_token_ids(self.tokenizer, self.iapo.probe_after)
         if strategy.args.ds.ring_attn_size > 1 and (needs_mi(self.iapo) or needs_next_token_entropy(self.iapo)):
             raise ValueError(
                 "--ds.ring_attn_size > 1: the IAPO estimator does not run under ring attention, "
@@ -129,7 +135,7 @@ class IAPOPolicyModelActor(unwrap_ray_class(PolicyModelActor)):
             raise ValueError("IAPO's MI estimator takes text-only batches; got multimodal inputs")
         device = _device()
         out = iapo_forward(self.actor, sequences.to(device), action_mask.to(device), attention_mask.to(device),
-                           self.iapo, self.iapo_postfix_ids)
+                           self.iapo, self.iapo_postfix_ids, getattr(self, "iapo_probe_after_ids", None))
         if not is_group_leader(self.strategy):
             return None
         return {key: value.to("cpu") for key, value in out.items()}

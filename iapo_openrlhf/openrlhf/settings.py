@@ -33,6 +33,8 @@ HELP = {
     "predict_mode": "postfix: answer entropy after the probe; next_token: the policy's own next-token entropy",
     "chunk_tokens": "probe tokens per estimator forward (default: from a memory budget)",
     "probe_stride": "probe every k-th response position and interpolate the rest",
+    "probe_after": "a regular expression: probe only after tokens whose text matches it (e.g. '\\n': one probe per "
+                   "line) and at each response's start and end, interpolating in between (default: every position)",
     "mi_smoothing": "none: s_t = h_t - h_t+1; official: the authors' (h_t + h_t-1)/2 - h_t+1",
     "mi_horizon": "sum the MI of the next H tokens",
     "mi_decay": "discount of that sum",

@@ -67,6 +67,16 @@ _FIXED_WORDS = "has How many does have ? . , + - = check"
 # Kinds of trace segments; the redundant ones are the ones RL should learn to drop.
 NECESSARY_KINDS = ("step", "answer")
 REDUNDANT_KINDS = ("restate", "check", "filler")
+# Task variants (`SyntheticTask(variant=...)`): which redundant segments a trace may contain.
+#   classic  restatements of any sentence of the question (the opening one carries the starting
+#            number), re-checks of the step just done, fillers: the task of the issue-7 study,
+#            on which redundancy costs accuracy (a restated number sits in front of the next step
+#            and the tiny model copies it).
+#   neutral  segments that write no number and no order word: fillers and restatements of the
+#            question's last sentence ("How many apples does Tom have ?"), anywhere. Redundancy
+#            then changes nothing the next step reads (issue 18: a task on which redundancy does
+#            not cost accuracy, so that outcome reward alone does not remove it).
+VARIANTS = ("classic", "neutral")
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -151,7 +161,8 @@ class SyntheticTask:
 
     `redundancy` is the probability that a trace is verbose at all; a verbose trace gets a number
     of redundant segments drawn uniformly from 0 .. `max_redundant`, so SFT data mixes concise and
-    verbose traces of widely varying length. Every value stays in [0, `max_value`]: with 30 the
+    verbose traces of widely varying length. `variant` says which redundant segments exist
+    (`VARIANTS`); the problems, the splits and the necessary steps do not depend on it. Every value stays in [0, `max_value`]: with 30 the
     digit arithmetic is learnt within the warm-start budget, which sets the defaults.
     """
 
@@ -167,7 +178,10 @@ class SyntheticTask:
         amount_range: tuple[int, int] = (1, 9),
         max_value: int = 30,
         test_fraction: float = 0.1,
+        variant: str = "classic",
     ):
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         if not 0.0 <= redundancy <= 1.0:
             raise ValueError(f"redundancy must be in [0, 1], got {redundancy}")
         if not 1 <= min_ops <= max_ops <= len(ORDER_WORDS):
@@ -183,6 +197,7 @@ class SyntheticTask:
         self.min_ops, self.max_ops = min_ops, max_ops
         self.start_range, self.amount_range, self.max_value = start_range, amount_range, max_value
         self.test_fraction = test_fraction
+        self.variant = variant
 
     # -- problems ----------------------------------------------------------------------------
 
@@ -244,6 +259,11 @@ class SyntheticTask:
         inserted: list[list[Segment]] = [[] for _ in range(n_slots)]
         for _ in range(n_redundant):
             slot = rng.randrange(n_slots)
+            if self.variant == "neutral":
+                kind = rng.choice(("restate", "filler"))
+                text = " " + (problem.sentences[-1] if kind == "restate" else rng.choice(_FILLERS))
+                inserted[slot].append(Segment(text, kind))
+                continue
             kinds = REDUNDANT_KINDS if slot > 0 else ("restate", "filler")  # a check needs a step before it
             kind = rng.choice(kinds)
             if kind == "restate":

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from ..local.rollout import generate
-from .synthetic import Problem, SyntheticTask, build_tokenizer, check_answer
+from .synthetic import END_ANSWER, Problem, SyntheticTask, build_tokenizer, check_answer
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels
 
@@ -72,15 +72,78 @@ def _batches(
         chunks = [rows[k : k + batch_size] for k in range(0, len(rows), batch_size)]
         rng.shuffle(chunks)
         for chunk in chunks:
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
-            labels = torch.full((len(chunk), width), -100)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (ids, n_prompt) in enumerate(chunk):
-                input_ids[r, : len(ids)] = torch.tensor(ids)
-                labels[r, n_prompt : len(ids)] = input_ids[r, n_prompt : len(ids)]
-                attention_mask[r, : len(ids)] = 1
-            yield input_ids, attention_mask, labels
+            yield _pad_rows(chunk, tokenizer.pad_token_id)
+
+
+EARLY_EXIT_POSTFIX = "</think><answer>"  # the estimator's default postfix (config iapo.postfix)
+
+
+def _early_exit_rows(
+    task: SyntheticTask,
+    problems: Sequence[Problem],
+    prompt_ids: Sequence[list[int]],
+    tokenizer: PreTrainedTokenizerFast,
+    rng: random.Random,
+    n: int,
+    postfix: str,
+) -> Iterator[list[tuple[list[int], int]]]:
+    """Endless lists of n rows "prompt + trace[:j] + postfix + gold answer + </answer>", each
+    with the index of its first labelled token (the answer's first token).
+
+    j is uniform over every prefix the estimator probes: 0 .. len(trace) is the trace cut before
+    token j, len(trace) + 1 the whole trace and its EOS. The postfix itself is never a target, so
+    nothing teaches the policy to stop early; what is trained is the answer distribution after a
+    cut trace, the quantity the estimator reads.
+    """
+    postfix_ids = tokenizer(postfix, add_special_tokens=False).input_ids
+    end_answer = tokenizer(END_ANSWER, add_special_tokens=False).input_ids
+    while True:
+        rows = []
+        for i in rng.sample(range(len(problems)), n):
+            trace = task.sample_trace(problems[i], rng)
+            body = list(trace.token_ids) + [tokenizer.eos_token_id]
+            j = rng.randint(0, len(body))
+            gold = tokenizer(str(problems[i].answer), add_special_tokens=False).input_ids
+            head = prompt_ids[i] + body[:j] + postfix_ids
+            rows.append((head + gold + end_answer, len(head)))
+        yield rows
+
+
+def _pad_rows(rows: list[tuple[list[int], int]], pad_id: int) -> Batch:
+    """Right-padded input_ids, attention_mask and labels (-100 before each row's first labelled token)."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), -100)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (ids, first) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        labels[r, first : len(ids)] = input_ids[r, first : len(ids)]
+        attention_mask[r, : len(ids)] = 1
+    return input_ids, attention_mask, labels
+
+
+def _label_nll(model, batch: Batch) -> torch.Tensor:
+    """Mean next-token NLL over the labelled tokens of a batch (HF's causal-LM loss)."""
+    input_ids, attention_mask, labels = batch
+    return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+
+
+def _sft_steps(model, batches: Iterator[Batch], probes, weight: float, optimizer, scheduler, steps: int, desc: str,
+               progress: bool) -> None:
+    """`steps` optimizer steps of the SFT loss (+ weight x the early-exit answer loss when `probes`)."""
+    pad_id = model.config.pad_token_id
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    for _ in bar:
+        input_ids, attention_mask, labels = next(batches)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        if probes is not None:
+            loss = loss + weight * _label_nll(model, _pad_rows(next(probes), pad_id))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
 
 
 @contextlib.contextmanager
@@ -121,8 +184,25 @@ def warm_start(
     num_threads: int | None = 1,
     task: SyntheticTask | None = None,
     progress: bool = True,
+    early_exit_weight: float = 0.0,
+    early_exit_rows: int | None = None,
+    early_exit_postfix: str = EARLY_EXIT_POSTFIX,
+    early_exit_steps: int = 0,
+    early_exit_lr: float | None = None,
 ) -> Path:
     """SFT a tiny Qwen2 from scratch on fresh traces each step and save model + tokenizer.
+
+    early_exit_weight > 0 (issue 18): every step also trains the early-exit answer, on
+    `early_exit_rows` (default batch_size // 2) extra rows "prompt + trace cut anywhere + postfix +
+    gold answer" (`_early_exit_rows`), loss = SFT loss + weight x the answer loss (each a mean over
+    its own tokens), so the probe's answer is a calibrated belief about the answer instead of a
+    copy of the last number written. Those rows draw from their own seeded generator: the SFT
+    batches are the same as without them, and weight 0 is today's warm start bit for bit.
+    early_exit_steps = 0: the answer loss from the first step on. early_exit_steps > 0: the `steps`
+    plain SFT steps first (today's warm start, unchanged), then a second stage of that many steps
+    of SFT + answer loss with a fresh optimizer at `early_exit_lr` (default lr / 10), same
+    schedule shape: the copy circuits form first, then the probe is calibrated on top of them
+    (trained jointly from the start, the noisy answer loss kept them from forming: issue 18).
 
     Deterministic given `seed` and the machine (data order and traces come from seeded generators).
     Cosine decay to 10% of `lr` after a linear warm-up: a short run needs the high early rate for
@@ -141,17 +221,20 @@ def warm_start(
         problems = task.problems("train", n_train_problems)
         prompt_ids = tokenizer([p.prompt for p in problems], add_special_tokens=False).input_ids
         batches = _batches(task, problems, prompt_ids, tokenizer, random.Random(f"{seed}:warm_start"), batch_size)
+        if early_exit_weight < 0:
+            raise ValueError(f"early_exit_weight: got {early_exit_weight}, expected a value >= 0")
+        probes = None
+        if early_exit_weight > 0:
+            probes = _early_exit_rows(task, problems, prompt_ids, tokenizer, random.Random(f"{seed}:early_exit"),
+                                      early_exit_rows or max(1, batch_size // 2), early_exit_postfix)
         optimizer, scheduler = sft_optimizer(model, lr=lr, warmup_steps=warmup_steps, steps=steps)
-        bar = tqdm(range(steps), desc="warm start", disable=not progress)
-        for _ in bar:
-            input_ids, attention_mask, labels = next(batches)
-            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        joint = probes if early_exit_steps == 0 else None
+        _sft_steps(model, batches, joint, early_exit_weight, optimizer, scheduler, steps, "warm start", progress)
+        if probes is not None and early_exit_steps > 0:
+            optimizer, scheduler = sft_optimizer(model, lr=early_exit_lr or lr / 10, warmup_steps=warmup_steps,
+                                                 steps=early_exit_steps)
+            _sft_steps(model, batches, probes, early_exit_weight, optimizer, scheduler, early_exit_steps,
+                       "early-exit stage", progress)
         model.eval()
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
