@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import random
 import re
@@ -194,7 +195,8 @@ def segment_labels(token_texts: list[str], problem: Problem) -> tuple[list[str],
 # -- scoring ---------------------------------------------------------------------------------------
 
 
-def score_rows(model, rows, postfix_ids, *, predict_mode: str, probe_stride: int, batch_size: int) -> list[dict]:
+def score_rows(model, rows, postfix_ids, *, predict_mode: str, probe_stride: int, batch_size: int,
+               probe_after_ids=None) -> list[dict]:
     """MI of every response token of rows [(prompt_ids, response_ids incl. EOS)], in batches of
     the OpenRLHF layout. Returns per row {"h": (n + 1,), "mi": (n,), "mi_norm": (n,)}."""
     out = []
@@ -210,7 +212,8 @@ def score_rows(model, rows, postfix_ids, *, predict_mode: str, probe_stride: int
         sequences = torch.cat([prompt_ids, response], 1)
         attention = torch.cat([prompt_mask, action], 1)
         h = answer_entropy(model, sequences, attention, action, postfix_ids if predict_mode == "postfix" else None,
-                           predict_mode=predict_mode, probe_stride=probe_stride, temperature=1.0)
+                           predict_mode=predict_mode, probe_stride=probe_stride, temperature=1.0,
+                           probe_after_ids=probe_after_ids)
         mi = token_mi(h, action)
         mi_norm = masked_sequence_normalize(mi, action)
         for i, (_, r) in enumerate(chunk):
@@ -371,6 +374,166 @@ def plot(path: Path, panels: list[tuple[str, np.ndarray, np.ndarray, float]]) ->
     fig.savefig(path, dpi=110)
 
 
+
+# -- segment-start study (issue 18) ---------------------------------------------------------------
+
+HORIZONS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+DECAYS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+PROBE_MODES = ("every", "boundary")  # every response position; only after segment-ending tokens
+BOUNDARY_PATTERN = r"[.?]"  # the task's segments end with " ." or " ?" (iapo.probe_after)
+TIE = 0.005  # validation AUCs closer than this count as tied: the cheaper / simpler setting wins
+
+
+def _padded(h_rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, A + 1) entropies and (N, A) action mask from per-row h arrays (n + 1 values each)."""
+    width = max(len(h) for h in h_rows) - 1
+    h = torch.zeros(len(h_rows), width + 1)
+    act = torch.zeros(len(h_rows), width, dtype=torch.bool)
+    for i, values in enumerate(h_rows):
+        h[i, : len(values)] = torch.as_tensor(values)
+        act[i, : len(values) - 1] = True
+    return h, act
+
+
+def segment_start_points(labels: list[tuple[list[str], list[bool]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per row: (columns of the first token of each labelled segment, necessary?) for segments
+    of the kinds of KINDS ("other" left out)."""
+    out = []
+    for kinds, firsts in labels:
+        cols = [t for t, (k, f) in enumerate(zip(kinds, firsts)) if f and k in KINDS]
+        out.append((np.array(cols, dtype=np.int64), np.array([kinds[t] in NECESSARY_KINDS for t in cols], dtype=bool)))
+    return out
+
+
+def shaping_at_segment_starts(h: torch.Tensor, act: torch.Tensor, points, *, horizon: int, decay: float,
+                              norm: str) -> list[np.ndarray]:
+    """The IAPO shaping term norm(MI; sequence) (alpha > 0 only scales it) with the MI summed over
+    `horizon` tokens at `decay`, read at the first token of every labelled segment."""
+    from iapo_openrlhf.core.advantages import normalize_shaping
+
+    mi = token_mi(h, act, horizon=horizon, decay=decay)
+    shaped = normalize_shaping(mi, act, norm).numpy()
+    return [shaped[i, cols] for i, (cols, _) in enumerate(points)]
+
+
+def segment_start_auc(scores: list[np.ndarray], points, *, resamples: int = 0, seed: int = 0) -> dict:
+    positive = [pos for _, pos in points]
+    flat_s, flat_p = np.concatenate(scores), np.concatenate(positive)
+    out = {"auc": auc(flat_s, flat_p), "necessary": int(flat_p.sum()), "redundant": int((~flat_p).sum())}
+    if resamples:
+        out["ci95"] = bootstrap_auc(scores, positive, resamples=resamples, seed=seed)
+    return out
+
+
+def count_probes(rows, probe_after_ids=None) -> int:
+    """Probed columns of the estimator for these rows (prefix + response incl. EOS, one span each)."""
+    from iapo_openrlhf.core.probes import span_probes
+
+    total = 0
+    for _, response in rows:
+        n = len(response)
+        bounds = None if probe_after_ids is None else [t for t in range(n) if response[t] in set(probe_after_ids)]
+        total += len(span_probes(0, n, 1, bounds))
+    return total
+
+
+def segment_start_study(model, tokenizer, postfix_ids, splits: dict, *, batch_size: int, resamples: int, seed: int,
+                        norm: str, out: Path, boundary_pattern: str = BOUNDARY_PATTERN) -> dict:
+    """Validation -> pre-registration -> test, for the shaping at segment-first tokens.
+
+    splits: {"validation": (rows, labels), "test": (rows, labels)}, sampled completions of disjoint
+    held-out problems. On validation every probe mode x horizon x decay is scored; the setting
+    with the highest AUC is chosen (ties within TIE: boundary probes before every-position probes,
+    then the smaller horizon, then the larger decay) and written to preregistration.json BEFORE the
+    test split is scored. Then the test split: the chosen setting with a 95% interval (the
+    headline), and for reference horizon 1 and each mode's own validation-best setting.
+    """
+    from iapo_openrlhf.core.probes import boundary_token_ids
+
+    boundary_ids = boundary_token_ids(tokenizer, boundary_pattern)
+    mode_kwargs = {"every": {}, "boundary": {"probe_after_ids": boundary_ids}}
+    result: dict = {"norm": norm, "boundary_pattern": boundary_pattern, "horizons": list(HORIZONS),
+                    "decays": list(DECAYS), "tie": TIE}
+
+    def entropies(split: str) -> dict:
+        rows, _ = splits[split]
+        per_mode = {}
+        for mode in PROBE_MODES:
+            t0 = time.perf_counter()
+            scored = score_rows(model, rows, postfix_ids, predict_mode="postfix", probe_stride=1,
+                                batch_size=batch_size, **mode_kwargs[mode])
+            per_mode[mode] = {"h": _padded([s_["h"] for s_ in scored]), "seconds": time.perf_counter() - t0,
+                              "probes": count_probes(rows, mode_kwargs[mode].get("probe_after_ids"))}
+        return per_mode
+
+    # validation
+    val = entropies("validation")
+    val_points = segment_start_points(splits["validation"][1])
+    grid = []
+    for mode in PROBE_MODES:
+        h, act = val[mode]["h"]
+        for horizon in HORIZONS:
+            for decay in DECAYS if horizon > 1 else (1.0,):
+                scores = shaping_at_segment_starts(h, act, val_points, horizon=horizon, decay=decay, norm=norm)
+                grid.append({"mode": mode, "horizon": horizon, "decay": decay,
+                             "auc": segment_start_auc(scores, val_points)["auc"]})
+    # An undefined AUC (a split without one of the two classes) ranks last; if every AUC is
+    # undefined, the tie rule alone picks (boundary probes, horizon 1).
+    valid = [g["auc"] for g in grid if not math.isnan(g["auc"])]
+    best_auc = max(valid) if valid else math.nan
+    tied = [g for g in grid if g["auc"] >= best_auc - TIE] if valid else grid
+    chosen = min(tied, key=lambda g: (g["mode"] != "boundary", g["horizon"], -g["decay"]))
+    per_mode_best = {mode: max((g for g in grid if g["mode"] == mode),
+                               key=lambda g: -math.inf if math.isnan(g["auc"]) else g["auc"]) for mode in PROBE_MODES}
+    prereg = {"chosen": chosen, "rule": "highest validation AUC; ties within TIE: boundary before every-position, "
+              "then smaller horizon, then larger decay", "validation_best_per_mode": per_mode_best,
+              "validation_grid": grid, "validation_segments": segment_start_auc([np.zeros(len(c)) for c, _ in val_points],
+                                                                                val_points)}
+    (out / "preregistration.json").write_text(json.dumps(prereg, indent=1) + "\n")
+    result["preregistration"] = prereg
+    result["validation_cost"] = {m: {"seconds": val[m]["seconds"], "probes": val[m]["probes"]} for m in PROBE_MODES}
+
+    # test (after the choice is on disk)
+    test = entropies("test")
+    test_points = segment_start_points(splits["test"][1])
+
+    def score(mode, horizon, decay, with_ci=False):
+        h, act = test[mode]["h"]
+        scores = shaping_at_segment_starts(h, act, test_points, horizon=horizon, decay=decay, norm=norm)
+        return segment_start_auc(scores, test_points, resamples=resamples if with_ci else 0, seed=seed)
+
+    result["test"] = {
+        "chosen": {**chosen, **score(chosen["mode"], chosen["horizon"], chosen["decay"], with_ci=True)},
+        "horizon1": {m: score(m, 1, 1.0, with_ci=True) for m in PROBE_MODES},
+        "validation_best_per_mode": {m: {**g, "test": score(m, g["horizon"], g["decay"], with_ci=True)}
+                                     for m, g in per_mode_best.items()},
+        "cost": {m: {"seconds": test[m]["seconds"], "probes": test[m]["probes"]} for m in PROBE_MODES},
+    }
+    return result
+
+
+def print_segment_start(study: dict) -> None:
+    pre = study["preregistration"]
+    c = pre["chosen"]
+    print(f"\nsegment-start study: shaping norm(MI; sequence) ({study['norm']}) at the first token of every segment, "
+          "necessary (step, answer) vs redundant; sampled completions")
+    print(f"validation: best every-position {pre['validation_best_per_mode']['every']}, best boundary "
+          f"{pre['validation_best_per_mode']['boundary']}")
+    print(f"pre-registered (validation): probes {c['mode']}, horizon {c['horizon']}, decay {c['decay']} "
+          f"(validation AUC {c['auc']:.3f})")
+    print("| probes | horizon / decay | chosen on | test AUC [95%] | estimator s (test) | probes (test) |")
+    print("|---|---|---|---|---|---|")
+    t = study["test"]
+    for mode in PROBE_MODES:
+        cost = t["cost"][mode]
+        h1 = t["horizon1"][mode]
+        print(f"| {mode} | 1 / 1.0 | fixed | {h1['auc']:.3f} [{h1['ci95'][0]:.3f}, {h1['ci95'][1]:.3f}] | "
+              f"{cost['seconds']:.1f} | {cost['probes']} |")
+        b = t["validation_best_per_mode"][mode]
+        print(f"| {mode} | {b['horizon']} / {b['decay']} | validation | {b['test']['auc']:.3f} "
+              f"[{b['test']['ci95'][0]:.3f}, {b['test']['ci95'][1]:.3f}] | {cost['seconds']:.1f} | {cost['probes']} |")
+
+
 # -- main ------------------------------------------------------------------------------------------
 
 
@@ -454,17 +617,37 @@ def warm_start_probe_trained(
     return out_dir
 
 
-def ensure_model(path: Path, warmstart_steps: int, variant: str = "plain", probe_weight: float = 1.0) -> Path:
+def sample_and_label(model, tokenizer, problems, *, seed: int, max_new_tokens: int):
+    """The policy's completions of `problems` (temperature 1, torch seed `seed`) as estimator rows
+    (prompt ids, response ids incl. EOS) and their segment labels (the grammar parser)."""
+    prompt_ids = tokenizer([p.prompt for p in problems], add_special_tokens=False).input_ids
+    torch.manual_seed(seed)
+    rollout = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens=max_new_tokens,
+                       temperature=1.0, batch_size=64)
+    a = rollout.action_mask.shape[1]
+    rows, labels = [], []
+    for i, p in enumerate(problems):
+        ids = rollout.sequences[i, -a:][: int(rollout.lengths[i])].tolist()
+        text_ids = ids[:-1] if not bool(rollout.truncated[i]) else ids
+        rows.append((prompt_ids[i], ids))
+        labels.append(segment_labels([tokenizer.decode([t]) for t in text_ids], p))
+    return rollout, rows, labels
+
+
+def ensure_model(path: Path, warmstart_steps: int, variant: str = "plain", probe_weight: float = 1.0, *,
+                 task_variant: str = "classic", early_exit_weight: float = 0.0) -> Path:
     if (path / "config.json").exists():
         return path
-    print(f"warm start ({variant}, {warmstart_steps} steps) into {path}", flush=True)
+    print(f"warm start ({variant}, task {task_variant}, early-exit weight {early_exit_weight}, {warmstart_steps} steps) "
+          f"into {path}", flush=True)
     if variant == "probe":
         return warm_start_probe_trained(path, seed=WARMSTART["seed"], steps=warmstart_steps, lr=WARMSTART["lr"],
                                         redundancy=WARMSTART["redundancy"], probe_weight=probe_weight)
     from iapo_openrlhf.tasks.warmstart import warm_start
 
     warm_start(path, seed=WARMSTART["seed"], steps=warmstart_steps, lr=WARMSTART["lr"],
-               task=SyntheticTask(WARMSTART["seed"], redundancy=WARMSTART["redundancy"]), progress=False)
+               task=SyntheticTask(WARMSTART["seed"], redundancy=WARMSTART["redundancy"], variant=task_variant),
+               early_exit_weight=early_exit_weight, progress=False)
     return path
 
 
@@ -477,13 +660,16 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = ensure_model(Path(args.model), args.warmstart_steps, args.warm_start, args.probe_weight)
+    model_dir = ensure_model(Path(args.model), args.warmstart_steps, args.warm_start, args.probe_weight,
+                             task_variant=args.variant, early_exit_weight=args.early_exit_weight)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     postfix_ids = tokenizer(POSTFIX, add_special_tokens=False).input_ids
     eos = tokenizer.eos_token_id
-    task = SyntheticTask(args.seed, redundancy=WARMSTART["redundancy"])
-    problems = task.problems("test", args.num_problems)
+    task = SyntheticTask(args.seed, redundancy=WARMSTART["redundancy"], variant=args.variant)
+    # test: the first --num-problems held-out problems (iapo-eval's); validation: the next --val-problems
+    held_out = task.problems("test", args.num_problems + args.val_problems)
+    problems, val_problems = held_out[: args.num_problems], held_out[args.num_problems :]
     prompt_ids = tokenizer([p.prompt for p in problems], add_special_tokens=False).input_ids
     timings: dict[str, float] = {}
 
@@ -504,18 +690,14 @@ def run(args) -> dict:
 
     # (b) completions sampled from the policy, labelled by the parser
     t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
-    rollout = generate(model, tokenizer, [p.prompt for p in problems], max_new_tokens=args.max_new_tokens,
-                       temperature=1.0, batch_size=64)
+    rollout, sample_rows, sample_labels = sample_and_label(model, tokenizer, problems, seed=args.seed,
+                                                           max_new_tokens=args.max_new_tokens)
     timings["sample_seconds"] = time.perf_counter() - t0
-    a = rollout.action_mask.shape[1]
-    sample_rows, sample_labels = [], []
-    for i, p in enumerate(problems):
-        n = int(rollout.lengths[i])
-        ids = rollout.sequences[i, -a:][:n].tolist()
-        text_ids = ids[:-1] if not bool(rollout.truncated[i]) else ids
-        sample_rows.append((prompt_ids[i], ids))
-        sample_labels.append(segment_labels([tokenizer.decode([t]) for t in text_ids], p))
+    # validation completions (other problems, other sampling seed) for the segment-start study
+    val_rows, val_labels = [], []
+    if val_problems:
+        _, val_rows, val_labels = sample_and_label(model, tokenizer, val_problems, seed=args.seed + 1,
+                                                   max_new_tokens=args.max_new_tokens)
     all_sample_kinds = np.array([k for kinds, _ in sample_labels for k in kinds])
     sample_info = {
         "accuracy": float(np.mean([check_answer(c, p) for c, p in zip(rollout.completions, problems)])),
@@ -550,9 +732,18 @@ def run(args) -> dict:
             results[source][name] = summary
             hist[(source, name)] = (*_values(scored, labels), summary["auc_mi"])
 
+    if val_problems:
+        t0 = time.perf_counter()
+        results["sampled_completions"]["segment_start"] = segment_start_study(
+            model, tokenizer, postfix_ids, {"validation": (val_rows, val_labels), "test": (sample_rows, sample_labels)},
+            batch_size=args.batch_size, resamples=args.resamples, seed=args.seed, norm=args.shaping_norm, out=out)
+        timings["segment_start_seconds"] = time.perf_counter() - t0
+
     report = {
         "model": str(model_dir),
         "num_problems": len(problems),
+        "val_problems": len(val_problems),
+        "task_variant": args.variant,
         "task_seed": args.seed,
         "postfix": POSTFIX,
         "temperature": 1.0,
@@ -562,6 +753,7 @@ def run(args) -> dict:
         **results,
         "timings": timings,
         "threads": args.threads,
+        "load_average": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
@@ -619,12 +811,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-weight", type=float, default=1.0, help="--warm-start probe: weight of the answer loss")
     parser.add_argument("--warmstart-steps", type=int, default=WARMSTART["steps"],
                         help="SFT steps when --model does not exist yet (default: local_tiny's)")
+    parser.add_argument("--variant", choices=["classic", "neutral"], default="classic",
+                        help="task variant of the generator traces (and of the warm start made when --model is missing)")
+    parser.add_argument("--early-exit-weight", type=float, default=0.0,
+                        help="when --model does not exist: the package warm start's early-exit answer loss weight")
+    parser.add_argument("--val-problems", type=int, default=None,
+                        help="held-out problems after the first --num-problems: the validation split of the "
+                             "segment-start study (default: as many as --num-problems; 0: no study)")
+    parser.add_argument("--shaping-norm", choices=["zscore", "l2", "authors"], default="zscore",
+                        help="iapo.shaping_norm of the segment-start score")
     args = parser.parse_args(argv)
+    if args.val_problems is None:
+        args.val_problems = args.num_problems
     t0 = time.perf_counter()
     report = run(args)
     print_summary(report)
-    print(f"\n{time.perf_counter() - t0:.0f} s; wrote {Path(args.out) / 'mi_diagnostic.json'}, "
-          f"{Path(args.out) / 'mi_histogram.png'}, {Path(args.out) / 'mi_histogram_sampled.png'}")
+    print(f"\n{time.perf_counter() - t0:.0f} s (load average {report['load_average']}); wrote "
+          f"{Path(args.out) / 'mi_diagnostic.json'}, {Path(args.out) / 'mi_histogram.png'}, "
+          f"{Path(args.out) / 'mi_histogram_sampled.png'}")
+    study = report["sampled_completions"].get("segment_start")
+    if study:
+        print_segment_start(study)
+        chosen = study["test"]["chosen"]
+        print(f"segment-start AUC = {chosen['auc']:.3f} [{chosen['ci95'][0]:.3f}, {chosen['ci95'][1]:.3f}]")
     return 0
 
 

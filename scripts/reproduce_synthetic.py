@@ -71,6 +71,8 @@ METHODS = {
     "iapo": ["method=iapo", "iapo.alpha=0.5", "iapo.beta=0.1"],
     "iapo_beta0": ["method=iapo", "iapo.alpha=0.5", "iapo.beta=0"],
     "iapo_alpha0": ["method=iapo", "iapo.alpha=0", "iapo.beta=0.1"],
+    "iapo_l2": ["method=iapo", "iapo.alpha=0.5", "iapo.beta=0.1", "iapo.shaping_norm=l2"],
+    "iapo_authors": ["method=iapo", "iapo.alpha=0.5", "iapo.beta=0.1", "iapo.shaping_norm=authors"],
     "gfpo": ["method=gfpo"],
     "gtpo": ["method=gtpo"],
     "grpo_s": ["method=gtpo", "gtpo.level=sequence"],
@@ -84,9 +86,11 @@ WARMSTART = {"seed": 0, "steps": 1000, "lr": 1e-2, "redundancy": 0.8}  # configs
 EVAL_SEED = 0  # task seed of the held-out problems and sampling seed of every evaluation
 
 FULL = dict(seeds="0,1,2", steps=100, lr=2e-4, workers=2, threads=1, eval_problems=500, curve_every=10,
-            curve_problems=64, curve_samples=4, max_new_tokens=128, warmstart_steps=WARMSTART["steps"])
+            curve_problems=64, curve_samples=4, max_new_tokens=128, warmstart_steps=WARMSTART["steps"],
+            redundancy_problems=0, early_exit_steps=0)
 SMOKE = dict(seeds="0", steps=2, lr=2e-4, workers=2, threads=1, eval_problems=8, curve_every=1,
-             curve_problems=4, curve_samples=2, max_new_tokens=32, warmstart_steps=30)
+             curve_problems=4, curve_samples=2, max_new_tokens=32, warmstart_steps=30, redundancy_problems=0,
+             early_exit_steps=0)
 
 
 # -- one run (executed in a worker process) --------------------------------------------------------
@@ -192,6 +196,10 @@ def run_one(job: dict) -> dict:
                                 job["max_new_tokens"])
             curve.append({"step": trainer.step, "rollouts": rollouts, **point})
     train_seconds = time.perf_counter() - t_start
+    final_redundancy = None
+    if job["redundancy_problems"]:
+        final_redundancy = curve_point(trainer.model, trainer.tokenizer, job["redundancy_problems"],
+                                       job["curve_samples"], job["max_new_tokens"])
     final = run_dir / "final"
     trainer.model.save_pretrained(final)
     trainer.tokenizer.save_pretrained(final)
@@ -199,7 +207,7 @@ def run_one(job: dict) -> dict:
     metrics = iapo_eval(final, run_dir / "eval", job["method"], job["eval_problems"], job["max_new_tokens"])
     summary = {
         "method": job["method"], "seed": job["seed"], "steps": trainer.step, "rollouts": rollouts,
-        "budget_rollouts": budget, "eval": metrics, "curve": curve,
+        "budget_rollouts": budget, "eval": metrics, "curve": curve, "final_redundancy": final_redundancy,
         "train": [{k: r[k] for k in ("step", "rollouts", "accuracy", "mean_length", "reward", "kl", "time_rollout",
                                      "time_mi", "time_update", "sampled_groups") if k in r}
                   | {k: r[k] for k in ("mi_mean", "mi_std", "mi_pos_frac") if k in r} for r in records],
@@ -226,7 +234,11 @@ def eval_initial(job: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(job["init"]).eval()
     with torch.no_grad():
         curve0 = curve_point(model, tokenizer, job["curve_problems"], job["curve_samples"], job["max_new_tokens"])
-    result = {"eval": metrics, "curve0": curve0}
+        final_redundancy = None
+        if job["redundancy_problems"]:
+            final_redundancy = curve_point(model, tokenizer, job["redundancy_problems"], job["curve_samples"],
+                                           job["max_new_tokens"])
+    result = {"eval": metrics, "curve0": curve0, "final_redundancy": final_redundancy}
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -266,9 +278,10 @@ def aggregate(summaries: list[dict], initial: dict, methods: list[str]) -> dict:
         for key in ("rollout", "mi", "update", "step"):
             agg[f"time_{key}"] = mean_std([r["time"][key] for r in runs])
         for key in ("redundant_tokens", "redundant_frac"):
-            agg[key] = mean_std([r["curve"][-1].get(key, math.nan) for r in runs])
+            agg[key] = mean_std([(r.get("final_redundancy") or r["curve"][-1]).get(key, math.nan) for r in runs])
         per_method[method] = agg
-    return {"initial": initial["eval"], "initial_curve": initial["curve0"], "methods": per_method}
+    return {"initial": initial["eval"], "initial_curve": initial.get("final_redundancy") or initial["curve0"],
+            "methods": per_method}
 
 
 def _pm(value: tuple[float, float], fmt: str) -> str:
@@ -291,6 +304,25 @@ def target_checks(agg: dict) -> list[tuple[str, str, str]]:
     checks.append(("IAPO has the best R@8", f"best: {best} ({m[best]['R@8'][0]:.3e})", "PASS" if best == "iapo" else "FAIL"))
     t = iapo["time_step"][0] / grpo["time_step"][0]
     checks.append(("IAPO step time <= 1.5 x GRPO's (MI pass included)", f"{t:.2f} x", "PASS" if t <= 1.5 else "FAIL"))
+    # issue 18: the MI term, not the exploration term, removes the redundancy that outcome reward leaves
+    red0 = agg["initial_curve"].get("redundant_tokens", math.nan)
+    keep = grpo["redundant_tokens"][0] / red0
+    checks.append(("GRPO keeps >= 1/2 of the warm start's redundant tokens",
+                   f"{keep:.3f} x ({grpo['redundant_tokens'][0]:.2f} vs {red0:.2f})", "PASS" if keep >= 0.5 else "FAIL"))
+    for name in ("iapo", "iapo_alpha0", "iapo_beta0", "iapo_l2", "iapo_authors", "significance"):
+        if name not in m:
+            continue
+        r = m[name]["redundant_tokens"][0] / grpo["redundant_tokens"][0]
+        gap = m[name]["accuracy"][0] - grpo["accuracy"][0]
+        holds = r <= 0.5 and abs(gap) <= 0.02
+        want = "does not" if name == "iapo_alpha0" else ""
+        label = (f"{name}: redundant tokens <= 1/2 x GRPO's and accuracy within 2 points"
+                 + (" (target: it does NOT)" if want else ""))
+        verdict = ("PASS" if not holds else "FAIL") if want else ("PASS" if holds else "FAIL")
+        if name not in ("iapo", "iapo_alpha0"):
+            verdict = "holds" if holds else "does not hold"
+        checks.append((label, f"{r:.3f} x ({m[name]['redundant_tokens'][0]:.2f} vs {grpo['redundant_tokens'][0]:.2f}); "
+                              f"accuracy {100 * gap:+.2f} points", verdict))
     return checks
 
 
@@ -325,7 +357,8 @@ def markdown(agg: dict, meta: dict) -> str:
         f"{meta['max_new_tokens']} new tokens); mean ± std over seeds {meta['seeds']}; {meta['steps']} steps x 64 rollouts "
         f"per run, lr {meta['lr']}. A complete answer with no redundant segment has {meta['concise_length']:.2f} tokens "
         "on average on these problems (the floor of L@k without skipping a step).", "", *lines, "",
-        f"Redundancy of {meta['curve_samples']} samples x the first {meta['curve_problems']} held-out problems, labelled "
+        f"Redundancy of {meta['curve_samples']} samples x the first "
+        f"{meta.get('redundancy_problems') or meta['curve_problems']} held-out problems, labelled "
         "with the task's segment grammar (scripts/mi_diagnostic.py):", "", *red_lines, "",
         f"Step time (mean over steps; {meta['workers']} runs at a time, {meta['threads']} torch thread(s) each). "
         "MI s/step is the pass before the update: the MI estimator for IAPO and its ablations (it also gives pi_old), "
@@ -437,6 +470,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--curve-samples", type=int)
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--warmstart-steps", type=int)
+    parser.add_argument("--redundancy-problems", type=int,
+                        help="after training, redundancy of --curve-samples samples x this many held-out problems "
+                             "(the number the redundancy table and targets use; default 0: the last curve point)")
+    parser.add_argument("--variant", choices=["classic", "neutral"], default="classic",
+                        help="task variant of the warm start's traces (issue 18: neutral)")
+    parser.add_argument("--early-exit-weight", type=float, default=0.0,
+                        help="warm start: weight of the early-exit answer loss (0: plain SFT, the issue-7 study)")
+    parser.add_argument("--early-exit-steps", type=int,
+                        help="warm start: steps of the early-exit stage after the plain SFT (0: joint from the start)")
+    parser.add_argument("--early-exit-lr", type=float, help="warm start: learning rate of that stage (default lr / 10)")
     parser.add_argument("--init", help="start from this saved model instead of <out>/initial")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run, e.g. --set iapo.probe_stride=4")
@@ -468,12 +511,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"warm start: {settings['warmstart_steps']} SFT steps into {init}", flush=True)
         warm_start(init, seed=WARMSTART["seed"], steps=settings["warmstart_steps"], lr=WARMSTART["lr"],
-                   task=SyntheticTask(WARMSTART["seed"], redundancy=WARMSTART["redundancy"]),
-                   num_threads=1, progress=False)
+                   task=SyntheticTask(WARMSTART["seed"], redundancy=WARMSTART["redundancy"], variant=args.variant),
+                   num_threads=1, progress=False, early_exit_weight=args.early_exit_weight,
+                   early_exit_steps=settings["early_exit_steps"], early_exit_lr=args.early_exit_lr)
     warmstart_seconds = time.perf_counter() - t0
 
     common = {"init": str(init.resolve()), "out": str(out.resolve()), "force": args.force,
-              **{k: settings[k] for k in ("eval_problems", "curve_problems", "curve_samples", "max_new_tokens")}}
+              **{k: settings[k] for k in ("eval_problems", "curve_problems", "curve_samples", "max_new_tokens",
+                                          "redundancy_problems")}}
     t0 = time.perf_counter()
     initial = eval_initial(common)
     initial_eval_seconds = time.perf_counter() - t0
@@ -510,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     agg = aggregate(summaries, initial, methods)
     concise = concise_length(settings["eval_problems"])
     meta = {"seeds": seeds, "methods": methods, **settings, "smoke": args.smoke, "extra_overrides": args.set,
+            "variant": args.variant, "early_exit_weight": args.early_exit_weight, "early_exit_lr": args.early_exit_lr,
             "concise_length": concise, "init": str(init), "warmstart_seconds": warmstart_seconds, "initial_eval_seconds": initial_eval_seconds,
             "runs_seconds": runs_seconds, "total_seconds": time.perf_counter() - t_start,
             "load_average_start": load_start, "load_average_end": load_average(), "cpus": os.cpu_count(),

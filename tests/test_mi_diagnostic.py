@@ -7,6 +7,7 @@ import importlib.util
 import itertools
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -90,17 +91,46 @@ def test_parser_marks_what_the_grammar_does_not_make_as_other(diag):
     assert diag.segment_labels([tok.decode([i]) for i in truncated], problem)[0][-1] == "other"
 
 
-def test_small_run_writes_json_and_png(diag, tmp_path):
+def test_small_run_writes_json_and_png(diag, tmp_path, capsys):
     from iapo_openrlhf.tasks.warmstart import warm_start
 
     model = warm_start(tmp_path / "model", seed=0, steps=5, progress=False)
     argv = ["--model", str(model), "--out", str(tmp_path / "out"), "--num-problems", "12",
             "--max-new-tokens", "24", "--resamples", "20"]
     assert diag.main(argv) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"segment-start AUC = (\d\.\d{3}|nan) \[(\d\.\d{3}|nan), (\d\.\d{3}|nan)\]", printed[-1])
     report = json.loads((tmp_path / "out" / "mi_diagnostic.json").read_text())
+    study = report["sampled_completions"]["segment_start"]
+    prereg = json.loads((tmp_path / "out" / "preregistration.json").read_text())
+    assert prereg["chosen"] == study["preregistration"]["chosen"]  # on disk before the test split was scored
+    grid = prereg["validation_grid"]
+    assert {g["mode"] for g in grid} == {"every", "boundary"} and len(grid) == 2 * (1 + 9 * 6)
+    assert study["test"]["cost"]["boundary"]["probes"] < study["test"]["cost"]["every"]["probes"]
     assert report["parser_agreement_on_generator_traces"] == 1.0
     for name in ("postfix", "next_token", "postfix_stride4"):
         r = report["generator_traces"][name]
         assert 0.0 <= r["auc_mi"] <= 1.0 and 0.0 <= r["auc_abs_mi"] <= 1.0
         assert r["necessary"]["tokens"] > 0 and r["redundant"]["tokens"] > 0
     assert (tmp_path / "out" / "mi_histogram.png").stat().st_size > 1000
+
+
+def test_segment_start_scores_hand_made(diag):
+    """The shaping at segment-first tokens: with h falling by 1 over each step and flat over each
+    filler, horizon 1 already ranks every step start above every filler start (AUC 1) when the
+    drop is spread over the segment (boundary probing), and the horizon carries a drop that sits
+    on a step's last token back to its first token."""
+    import torch
+
+    # tokens: step (4) filler (2) step (4) eos; h before each token and after the last
+    kinds = ["step"] * 4 + ["filler"] * 2 + ["step"] * 4
+    firsts = [True, False, False, False, True, False, True, False, False, False]
+    spread = [2.0, 1.75, 1.5, 1.25, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    late = [2.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+    points = diag.segment_start_points([(kinds, firsts)])
+    assert points[0][0].tolist() == [0, 4, 6] and points[0][1].tolist() == [True, False, True]
+    for h_row, horizon, expected in ((spread, 1, 1.0), (late, 1, 0.5), (late, 4, 1.0)):
+        h, act = diag._padded([np.array(h_row)])
+        scores = diag.shaping_at_segment_starts(h, act, points, horizon=horizon, decay=1.0, norm="zscore")
+        assert diag.segment_start_auc(scores, points)["auc"] == expected, (h_row, horizon)
+    assert torch.is_tensor(h)
