@@ -30,7 +30,7 @@ import yaml
 
 from hub_server import STUB_MODEL, cache_model
 from iapo_openrlhf import slurm as iapo_slurm
-from slurm_cluster import Cluster, Node
+from slurm_cluster import Cluster, Node, kill_processes_mentioning
 from slurm_cluster import slurm_cluster as slurm_cluster_on
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -423,19 +423,5 @@ def test_job_fails_when_ray_does_not_come_up(jobs):
 
 
 def test_no_ray_process_outlives_its_job(jobs):
-    root = str(jobs["ray_root"])
-    left = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if root in cmdline:
-                left.append((int(proc.name), cmdline[:200]))
-    for pid, _ in left:  # ours (started by these jobs): do not leave them running
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
+    left = kill_processes_mentioning(str(jobs["ray_root"]))
     assert not left, left
