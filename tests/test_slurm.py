@@ -259,6 +259,21 @@ def test_sbatch_missing_is_an_error_without_dry_run(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_node_ip_exec_appends_the_address_and_free_ports():
+    """What each Ray worker runs: the address, and a port free on it for each --free-port option
+    (Ray's fixed default for the dashboard agent may belong to another job on the node)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "iapo_openrlhf.slurm", "node-ip", "--ifname", "lo",
+         "--free-port=--dashboard-agent-listen-port", "--exec", "echo", "ray", "start"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.splitlines()
+    assert out[0].startswith("iapo-slurm node-ip: node ") and "Ray address 127.0.0.1" in out[0], out
+    match = re.fullmatch(r"ray start --node-ip-address=127\.0\.0\.1 --dashboard-agent-listen-port=(\d+)", out[1])
+    assert match and 1024 <= int(match[1]) < 65536, out
+    with socket.socket() as s:  # free when chosen: it binds
+        s.bind(("127.0.0.1", int(match[1])))
+
+
 def test_wait_ray_times_out_with_a_message(capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
