@@ -30,7 +30,7 @@ import yaml
 
 from hub_server import STUB_MODEL, cache_model
 from iapo_openrlhf import slurm as iapo_slurm
-from slurm_cluster import Cluster, Node
+from slurm_cluster import Cluster, Node, kill_processes_mentioning
 from slurm_cluster import slurm_cluster as slurm_cluster_on
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,6 +259,21 @@ def test_sbatch_missing_is_an_error_without_dry_run(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_node_ip_exec_appends_the_address_and_free_ports():
+    """What each Ray worker runs: the address, and a port free on it for each --free-port option
+    (Ray's fixed default for the dashboard agent may belong to another job on the node)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "iapo_openrlhf.slurm", "node-ip", "--ifname", "lo",
+         "--free-port=--dashboard-agent-listen-port", "--exec", "echo", "ray", "start"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.splitlines()
+    assert out[0].startswith("iapo-slurm node-ip: node ") and "Ray address 127.0.0.1" in out[0], out
+    match = re.fullmatch(r"ray start --node-ip-address=127\.0\.0\.1 --dashboard-agent-listen-port=(\d+)", out[1])
+    assert match and 1024 <= int(match[1]) < 65536, out
+    with socket.socket() as s:  # free when chosen: it binds
+        s.bind(("127.0.0.1", int(match[1])))
+
+
 def test_wait_ray_times_out_with_a_message(capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -423,19 +438,5 @@ def test_job_fails_when_ray_does_not_come_up(jobs):
 
 
 def test_no_ray_process_outlives_its_job(jobs):
-    root = str(jobs["ray_root"])
-    left = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if root in cmdline:
-                left.append((int(proc.name), cmdline[:200]))
-    for pid, _ in left:  # ours (started by these jobs): do not leave them running
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
+    left = kill_processes_mentioning(str(jobs["ray_root"]))
     assert not left, left
