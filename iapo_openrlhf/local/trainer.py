@@ -11,6 +11,10 @@ subset of tokens; the significance reward adds a length reward over low-MI token
 
 Determinism: the data position, the optimizer and every RNG are checkpointed, and evaluation runs
 under a forked RNG, so `--resume` continues exactly where an uninterrupted run would be.
+
+Preemption (`iapo-train` on SIGTERM / SIGUSR1, preemption.py): the step in progress ends, its
+checkpoint is saved, and the process exits with 128 + the signal; `--resume` continues at the
+next step, with the same result as a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from ..core.methods import (
 from ..core.mi import answer_entropy, token_mi
 from ..data import Example, load_jsonl, synthetic_examples
 from ..eval.generation import evaluate_model
+from ..preemption import Preempted
 from ..rewards import R1_SYSTEM_PROMPT, batch_rewards
 from .rollout import Rollout, generate
 
@@ -442,7 +447,10 @@ class LocalTrainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def train(self, resume: bool = False) -> dict:
+    def train(self, resume: bool = False, stop=None) -> dict:
+        """Run (or, with resume, continue) the training. `stop`: an object whose `requested` is
+        set to a signal number when the process must stop (preemption.StopSignals): the step in
+        progress ends, its checkpoint is saved, and `preemption.Preempted` is raised."""
         cfg = self.cfg
         self.setup(resume)
         history = {}
@@ -451,6 +459,9 @@ class LocalTrainer:
             self._log({"step": 0, "eval": history["before"]})
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"{cfg.method} RL", disable=not self.progress)
         while self.step < cfg.train.steps:
+            if stop is not None and stop.requested is not None:  # before this run's first step
+                bar.close()
+                raise Preempted(stop.requested, self.step)
             record = self.train_step()
             self.step += 1
             self._log(record)
@@ -462,8 +473,14 @@ class LocalTrainer:
                 result = self.evaluate()
                 self._log({"step": self.step, "eval": result})
                 history["after"] = result
-            if last or (cfg.output.save_every and self.step % cfg.output.save_every == 0):
+            saved = last or bool(cfg.output.save_every and self.step % cfg.output.save_every == 0)
+            if saved:
                 self.save_checkpoint()
+            if stop is not None and stop.requested is not None and not last:
+                if not saved:
+                    self.save_checkpoint()
+                bar.close()
+                raise Preempted(stop.requested, self.step, saved=True)
         bar.close()
         final = self.out / "final"
         shutil.rmtree(final, ignore_errors=True)
