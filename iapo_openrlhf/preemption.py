@@ -1,10 +1,11 @@
 """Preemption: on SIGTERM or SIGUSR1, finish the current step, save a checkpoint, exit 128 + signal.
 
 SLURM sends SIGTERM when a job is preempted or cancelled, and, with `--signal=B:TERM@120` (what
-`iapo-slurm submit` asks for; `--signal USR1@600` for another signal or margin), that long before
-the time limit. The job script (slurm/job.sbatch.template) forwards it to the training and
-requeues the job when the training exits non-zero after a signal; the next run resumes from the
-checkpoint. Both backends handle the signal the same way:
+`iapo-slurm submit` asks for; `--signal-seconds N` for another lead), that long before the time
+limit. The job script (slurm/job.sbatch.template) forwards it to the training and requeues the job
+when the training exits non-zero after a signal; the next run resumes from the checkpoint.
+SIGUSR1 is handled the same way, for a job script of one's own that asks for `--signal=B:USR1@N`.
+Both backends handle the signal the same way:
 
 - the first SIGTERM / SIGUSR1 only records the request (later ones are reported and ignored:
   SIGKILL ends the process when SLURM's grace runs out);
@@ -71,7 +72,7 @@ class StopSignals:
         self.prog = prog
         self.requested: int | None = None
         self._previous: dict[int, object] = {}
-        self._callbacks: list[Callable[[int], None]] = []
+        self._pending: list[Callable[[int], None]] = []  # not run yet; each runs once
         self._event = threading.Event()
         self._lock = threading.Lock()
         self._raise_in_main = False
@@ -100,29 +101,36 @@ class StopSignals:
 
     # -- the request -------------------------------------------------------------------------
 
-    def on_request(self, callback: Callable[[int], None]) -> None:
+    def on_request(self, callback: Callable[[int], None]) -> Callable[[], None]:
         """Run `callback(signum)` once a signal has arrived (at once, in the helper thread, if one
-        already has)."""
+        already has). Returns a function that unregisters it if it has not run: a callback keeps
+        what it refers to alive (a Ray actor handle keeps the actor running)."""
         with self._lock:
-            self._callbacks.append(callback)
+            self._pending.append(callback)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run_callbacks, name="iapo-stop-signals", daemon=True)
                 self._thread.start()
         if self.requested is not None:
             self._event.set()
+        box = [callback]  # emptied on use: the returned function does not keep the callback either
+
+        def unregister() -> None:
+            with self._lock:
+                if box:
+                    gone = box.pop()
+                    self._pending = [c for c in self._pending if c is not gone]
+        return unregister
 
     def raise_in_main(self, on: bool = True) -> None:
         """While on, a signal raises Preempted in the main thread at once (there is no step to finish)."""
         self._raise_in_main = on
 
     def _run_callbacks(self) -> None:
-        done = 0
         while True:
             self._event.wait()
             self._event.clear()
             with self._lock:
-                pending = self._callbacks[done:]
-                done = len(self._callbacks)
+                pending, self._pending = self._pending, []
             for callback in pending:
                 try:
                     callback(self.requested)

@@ -54,7 +54,9 @@ TEMPLATE = next(
 )
 DEFAULT_GPUS_PER_NODE = 8
 DEFAULT_RAY_TIMEOUT = 600
-SIGNAL_SECONDS = 120  # SIGTERM this long before the time limit (--signal=B:TERM@120)
+# SIGTERM this long before the time limit (--signal=B:TERM@120): the training then finishes its
+# step and saves a checkpoint (preemption.py); --signal-seconds gives a long step more time.
+SIGNAL_SECONDS = 120
 EXIT_JOB_FAILED = 3  # the job itself failed (Ray did not come up), see the template
 TRAIN_COMMAND = {"ray": "iapo-train-ray", "local": "iapo-train"}
 # [days-]hours:minutes:seconds and the other forms sbatch --time accepts.
@@ -120,7 +122,11 @@ def _submit_parser() -> _Parser:
                    "--backend local: 1)")
     p.add_argument("--partition", help="SLURM partition")
     p.add_argument("--account", help="SLURM account")
-    p.add_argument("--time", help="time limit, e.g. 2-00:00:00; SIGTERM arrives 120 s before it and the job requeues")
+    p.add_argument("--time", help="time limit, e.g. 2-00:00:00; SIGTERM arrives --signal-seconds before it, the "
+                   "training finishes its step, saves and exits 143, and the job requeues")
+    p.add_argument("--signal-seconds", type=int, default=SIGNAL_SECONDS, metavar="N",
+                   help=f"send SIGTERM N seconds before the time limit (--signal=B:TERM@N; default {SIGNAL_SECONDS}): "
+                   "enough for a step, a checkpoint save and Ray's shutdown")
     p.add_argument("--gpus-per-node", type=int,
                    help=f"GPUs per node (default: cluster.gpus_per_node of the config, else {DEFAULT_GPUS_PER_NODE}; "
                    "--backend local: 1, or 0 with device: cpu; 0 for a CPU-only job)")
@@ -215,6 +221,8 @@ def build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                     f"{flag} {value}: the config's cluster.{key} is {cluster[key]} and sets the Ray layout; "
                     f"pass --set cluster.{key}={value} (and adjust cluster.vllm_engines) or {flag} {cluster[key]}"
                 )
+    if not 1 <= args.signal_seconds <= 65535:  # sbatch's limit for --signal's offset
+        raise UsageError(f"--signal-seconds {args.signal_seconds}: expected 1 to 65535 (sbatch --signal's range)")
     if args.time is not None and not TIME_RE.match(args.time):
         raise UsageError(f"--time {args.time}: expected minutes, HH:MM:SS or D-HH:MM:SS (sbatch --time)")
     for name in ("partition", "account", "job_name"):
@@ -270,7 +278,7 @@ def build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         sbatch.append(f"--account={args.account}")
     sbatch += [
         "--requeue",
-        f"--signal=B:TERM@{SIGNAL_SECONDS}",
+        f"--signal=B:TERM@{args.signal_seconds}",
         "--open-mode=append",
         f"--chdir={workdir}",
         f"--output={log_dir}/%x-%j.log",

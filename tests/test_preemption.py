@@ -69,6 +69,36 @@ def test_the_first_signal_is_recorded_later_ones_ignored_callbacks_run_in_a_thre
     assert "prog: SIGTERM received again: still finishing the step and saving" in err
 
 
+def test_an_unregistered_callback_never_runs_and_is_not_kept():
+    """The Ray driver registers a relay holding the trainer actor's handle for each run of
+    --methods and unregisters it after the run: the handle must not outlive it (Ray keeps an actor
+    alive while a handle exists, and with it the models' processes and fake GPUs)."""
+    import gc
+    import weakref
+
+    class Relay:
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, signum):
+            self.calls.append(signum)
+
+    with StopSignals("prog") as stop:
+        gone, kept = Relay(), Relay()
+        unregister = stop.on_request(gone)
+        stop.on_request(kept)
+        unregister()
+        ref = weakref.ref(gone)
+        del gone
+        gc.collect()
+        assert ref() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        deadline = time.time() + 5
+        while not kept.calls and time.time() < deadline:
+            time.sleep(0.01)
+        assert kept.calls == [signal.SIGUSR1]
+
+
 def test_before_the_first_step_the_signal_raises_in_the_main_thread():
     with StopSignals("prog") as stop:
         stop.raise_in_main()

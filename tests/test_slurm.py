@@ -111,6 +111,16 @@ def test_dry_run_local_backend(tmp_path, capsys, monkeypatch):
     assert "IFNAME=''" in script and "RUN_LABEL=training" in script
 
 
+def test_signal_seconds_sets_how_long_before_the_time_limit_sigterm_comes(tmp_path, capsys, monkeypatch):
+    """The training finishes its step and saves on that SIGTERM: a long step needs a longer lead."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path / "tiny.yaml", tmp_path / "out")
+    script = render(capsys, "--config", str(config), "--backend", "local", "--time", "4:00:00", "--signal-seconds", "900")
+    lines = sbatch_lines(script)
+    assert "--signal=B:TERM@900" in lines and "--requeue" in lines and "--time=4:00:00" in lines
+    assert "trap on_term TERM" in script and 'kill -TERM "$child_pid"' in script  # forwarded to the training
+
+
 def test_dry_run_ray_backend_7b(capsys, monkeypatch, qwen_cache):
     monkeypatch.chdir(ROOT)
     script = render(capsys, "--config", "configs/qwen2.5-7b_gsm8k.yaml", "--partition", "gpu", "--time", "2-00:00:00",
@@ -233,6 +243,7 @@ ERRORS = [
     (["--config", "TINY", "--backend", "local", "--ifname", "much-too-long-name0"],
      "--ifname much-too-long-name0: expected"),
     (["--config", "TINY", "--backend", "local", "--preflight"], "--preflight checks the Ray cluster"),
+    (["--config", "TINY", "--backend", "local", "--signal-seconds", "0"], "--signal-seconds 0: expected 1 to 65535"),
 ]
 
 
