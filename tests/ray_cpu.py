@@ -79,7 +79,7 @@ def run_and_signal(cmd: list, log: Path, events: Path, at_step: int, signum: int
                        for e in rows):
                     proc.send_signal(signum)
                     sent = True
-            time.sleep(0.2)
+            time.sleep(0.05)  # a tiny model's step takes about a second: signal well inside it
         if proc.poll() is None:
             proc.kill()
         proc.wait()
