@@ -8,7 +8,7 @@ import time
 import numpy as np
 import torch
 
-from ..data import Example
+from ..data import Example, think_in_prompt
 from ..local.rollout import generate
 from ..rewards import batch_rewards
 from .metrics import evaluate_matrices
@@ -23,6 +23,7 @@ def sample_matrices(
     temperature: float,
     max_new_tokens: int,
     reward_scheme: str,
+    format_check: str = "r1",
     batch_size: int = 64,
     seed: int = 0,
     progress=None,
@@ -45,7 +46,8 @@ def sample_matrices(
                 max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
             )
             elapsed += time.perf_counter() - t0
-            results = batch_rewards(out.completions, golds[start : start + batch_size], reward_scheme, think_in_prompt=True)
+            results = batch_rewards(out.completions, golds[start : start + batch_size], reward_scheme,
+                                    think_in_prompt=think_in_prompt(prompts), format_check=format_check)
             correct.extend(r.correct for r in results)
             lengths.extend((out.lengths - (~out.truncated).long()).tolist())
             if progress is not None:

@@ -38,6 +38,7 @@ from .settings import (
 PROG = "iapo-train-ray"
 REWARD_FILE = str(Path(__file__).with_name("reward_func.py"))
 SCHEME_ENV = "IAPO_REWARD_SCHEME"  # read by reward_func.py in the rollout workers
+FORMAT_ENV = "IAPO_REWARD_FORMAT"  # the format check (reward.format), read there too
 # OpenRLHF estimators IAPO can sit on: the shaping is added to a per-prompt group baseline.
 GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
 
@@ -269,6 +270,7 @@ def run_training(args: SimpleNamespace) -> None:
             "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
             "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
             SCHEME_ENV: os.environ.get(SCHEME_ENV, "paper"),
+            FORMAT_ENV: os.environ.get(FORMAT_ENV, "r1"),
         }})
     # train() reads PolicyModelActor from its module globals and imports PPOTrainer at call time.
     with mock.patch.object(orl_cli, "PolicyModelActor", IAPOPolicyModelActorRemote), \
@@ -322,6 +324,7 @@ def expand_config(argv: list[str]) -> list[str]:
     except ConfigError as e:
         raise UsageError(str(e)) from None
     os.environ[SCHEME_ENV] = cfg.reward.scheme
+    os.environ[FORMAT_ENV] = cfg.reward.format
     return expanded + rest
 
 
