@@ -87,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def protocol_ks(args: argparse.Namespace) -> list[int]:
+    """The k values a run of these arguments reports (checked against its samples per problem)."""
+    ks = _ints(args.k, "--k", 1) if args.k else None
+    samples = args.samples if args.samples is not None else (max(ks) if ks else PROTOCOL_SAMPLES)
+    if samples < 1:
+        raise ConfigError(f"--samples: got {samples}, expected an integer >= 1")
+    ks = sorted(set(ks)) if ks else [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k < samples] + [samples]
+    if max(ks) > samples:
+        raise ConfigError(f"--k: got {args.k!r} with --samples {samples}, expected every k <= the samples per problem")
+    return ks
+
+
 class _Settings:
     """Flags over the config over the defaults."""
 
@@ -117,14 +129,8 @@ class _Settings:
             self.seeds = [args.seed] if args.seed is not None else list(PROTOCOL_SEEDS)
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"--seeds: got {args.seeds!r}, expected distinct seeds")
-        ks = _ints(args.k, "--k", 1) if args.k else None
-        self.samples = args.samples if args.samples is not None else (max(ks) if ks else PROTOCOL_SAMPLES)
-        if self.samples < 1:
-            raise ConfigError(f"--samples: got {self.samples}, expected an integer >= 1")
-        self.ks = sorted(set(ks)) if ks else [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k < self.samples] + [self.samples]
-        if max(self.ks) > self.samples:
-            raise ConfigError(f"--k: got {args.k!r} with --samples {self.samples}, expected every k <= the samples "
-                              "per problem")
+        self.ks = protocol_ks(args)
+        self.samples = args.samples if args.samples is not None else max(self.ks)
         if not args.temperature > 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1 or args.limit < 0:
             raise ConfigError("--temperature must be > 0, --top-p in (0, 1], --max-new-tokens >= 1 and --limit >= 0")
         if args.select_samples < 1 or args.select_top < 1:
