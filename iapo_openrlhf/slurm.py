@@ -346,7 +346,7 @@ def build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     except (KeyError, ValueError) as e:
         raise UsageError(f"--template {template}: bad placeholder {e} (known: {', '.join(sorted(values))})") from None
     return script, {"job_name": job_name, "log_dir": log_dir, "config": config, "workdir": workdir,
-                    "job_env": job_env}
+                    "job_env": job_env, "cfg": cfg}
 
 
 def _job_env(args: argparse.Namespace, cache_dir: Path) -> dict[str, str]:
@@ -568,6 +568,7 @@ def build_study(args: argparse.Namespace) -> tuple[list[dict], dict]:
     manifest: dict = {"config": str(config.resolve()), "sets": list(args.set), "backend": args.backend,
                       "methods": methods, "seeds": seeds, "ks": ks, "study_dir": str(study_dir), "runs": []}
     checked: set[str] = set()
+    run_configs = []  # each run's resolved config (method and seed set): the estimate sums them
     for run in runs:
         run_sets = [*args.set, f"method={run.method}", f"seed={run.seed}", f"output.dir={run.dir}"]
         run_args = copy.copy(args)
@@ -578,6 +579,7 @@ def build_study(args: argparse.Namespace) -> tuple[list[dict], dict]:
             _check_ray_config(run_args, facts["job_env"])
             checked.add(run.method)
         job_env = facts["job_env"]
+        run_configs.append(facts["cfg"])
         eval_gpus = args.eval_gpus if args.eval_gpus is not None else (
             1 if args.backend == "ray" else _defaults(args, cluster, device)[1])
         sbatch = [f"--job-name={prefix}-eval-{run.name}", "--nodes=1", "--ntasks-per-node=1"]
@@ -614,7 +616,7 @@ def build_study(args: argparse.Namespace) -> tuple[list[dict], dict]:
                          label="table of the study", job_env=job_env)
     jobs.append({"name": "table", "kind": "table", "script": table, "depends": [j["name"] for j in jobs], "run": None,
                  "label": "the table of every run (after all of them ended, whatever their outcome)"})
-    manifest["estimate"] = format_estimate(cfg, len(runs))
+    manifest["estimate"] = format_estimate(run_configs)
     manifest["log_dir"] = str(log_dir)
     manifest["prefix"] = prefix
     return jobs, manifest

@@ -108,10 +108,22 @@ def estimate_gpu_hours(cfg: Any, *, seeds: int = 3) -> dict[str, float] | None:
             "step_seconds": step_s, "gpus": gpus}
 
 
-def format_estimate(cfg: Any, runs: int) -> str:
-    e = estimate_gpu_hours(cfg)
-    if e is None:
-        return f"no GPU-hour estimate for model {cfg.model.path} (sizes with assumptions: {', '.join(PARAMS)})"
+def _span(values: list[float]) -> str:
+    low, high = f"{min(values):.0f}", f"{max(values):.0f}"
+    return low if low == high else f"{low}-{high}"
+
+
+def format_estimate(configs: list[Any]) -> str:
+    """One line for `iapo-slurm study --dry-run`: the estimate summed over the study's runs (one
+    resolved config each: the methods differ in group size and MI probes)."""
+    estimates = [estimate_gpu_hours(cfg) for cfg in configs]
+    if not estimates or any(e is None for e in estimates):
+        model = configs[0].model.path if configs else None
+        return f"no GPU-hour estimate for model {model} (sizes with assumptions: {', '.join(PARAMS)})"
+    train = _span([e["train"] for e in estimates])
+    evaluation = _span([e["selection"] + e["test"] for e in estimates])
+    step = _span([e["step_seconds"] for e in estimates])
+    total = math.ceil(sum(e["total"] for e in estimates))
     return (f"estimated GPU-hours (an estimate from the settings, README 'Reproducing the paper'): per run "
-            f"{e['train']:.0f} training ({e['gpus']} GPUs, ~{e['step_seconds']:.0f} s a step) + "
-            f"{e['selection'] + e['test']:.0f} evaluation; {runs} runs: ~{math.ceil(runs * e['total'])}")
+            f"{train} training ({estimates[0]['gpus']} GPUs, ~{step} s a step) + {evaluation} evaluation; "
+            f"{len(configs)} run(s): ~{total}")

@@ -284,6 +284,7 @@ def test_study_dry_run_7b_every_script_passes_shellcheck(tmp_path, capsys, monke
     assert out.startswith("# iapo-slurm study: 18 runs (grpo, dapo, gfpo, gtpo, sgrpo, iapo x seeds 42, 43, 44)")
     assert "37 jobs, nothing submitted (--dry-run)" in out.splitlines()[0]
     assert out.splitlines()[1].startswith("# estimated GPU-hours (an estimate from the settings")
+    assert out.splitlines()[1].endswith("18 run(s): ~1674")  # README's table
     jobs = study_jobs(out)
     assert len(jobs) == 37 and not out_dir.exists()
     runs = [f"{m}-seed{s}" for m in ("grpo", "dapo", "gfpo", "gtpo", "sgrpo", "iapo") for s in (42, 43, 44)]
@@ -319,6 +320,22 @@ def test_study_dry_run_7b_every_script_passes_shellcheck(tmp_path, capsys, monke
                              *(str(tmp_path / f"job{i}.sbatch") for i in range(len(jobs)))],
                             capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
+
+
+def test_study_estimate_is_the_readmes_table():
+    """README's GPU-hour table is estimate_gpu_hours over the 18 runs of each configs/paper/ cell."""
+    from iapo_openrlhf.config import load_config
+    from iapo_openrlhf.study import PAPER_METHODS, estimate_gpu_hours
+
+    readme = (ROOT / "README.md").read_text()
+    names = {"GSM8K": "gsm8k", "MATH-500": "math500", "DAPO-Math-17k": "dapo17k"}
+    rows = re.findall(r"^\| (0\.5B|1\.5B|7B) \| (GSM8K|MATH-500|DAPO-Math-17k) \| .* \| ~([\d,]+) \|$", readme, re.M)
+    assert len(rows) == 9
+    for size, dataset, cell in rows:
+        config = ROOT / "configs" / "paper" / f"qwen2.5-{size.lower()}_{names[dataset]}.yaml"
+        total = sum(3 * estimate_gpu_hours(load_config(str(config), [f"method={m}"], local_files=False))["total"]
+                    for m in PAPER_METHODS)
+        assert abs(total - int(cell.replace(",", ""))) <= 0.01 * total, (size, dataset, total, cell)
 
 
 STUDY_ERRORS = [
@@ -608,6 +625,7 @@ def test_study_trains_evaluates_and_collects_every_run(studies):
     table = json.loads((study / "table" / "metrics.json").read_text())
     assert table["ks"] == [1, 2] and list(table["methods"]) == ["IAPO", "GRPO"]  # the paper's row order
     assert [r["status"] for r in table["runs"]] == ["ok"] * 4
+    assert [r["checkpoint"] for r in table["runs"]] == ["final"] * 4  # no validation split: the final model
     for row in table["methods"].values():
         assert (row["runs"], row["runs_ok"], row["failed"]) == (2, 2, [])
         for key in ("P@1", "P@2", "L@1", "L@2", "R@1", "R@2"):

@@ -230,10 +230,10 @@ def select_checkpoint(evaluator: Evaluator, run: Path, val: str | None, args: ar
         raise ConfigError(f"--run {run}: no checkpoints/step_N, ckpt/global_stepN_hf or final/ model, expected a "
                           "training run's output.dir")
     if not val:
-        final = [p for label, p in found if label == "final"]
-        chosen = final[0] if final else found[-1][1]
+        label, chosen = next(((label, p) for label, p in found if label == "final"), found[-1])
         print(f"{PROG}: no validation split (--val or data.val_path): evaluating {chosen} without selection", flush=True)
-        return chosen, {"criterion": "none: no validation split, the final model", "chosen": str(chosen)}
+        return chosen, {"criterion": "none: no validation split, the final model", "chosen": str(chosen),
+                        "chosen_checkpoint": label}
     k = args.select_samples
     rows = []
     for label, path in found:
