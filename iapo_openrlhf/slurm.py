@@ -467,6 +467,11 @@ def _study_parser() -> _Parser:
     p.add_argument("--eval-cpus", type=int, help="CPUs of each evaluation job (default: the cluster's)")
     p.add_argument("--eval-time", help="time limit of each evaluation job (default: the partition's)")
     p.add_argument("--collect-time", default="0:30:00", help="time limit of the table job (default 0:30:00)")
+    study_help = {"wait": "wait for the table job (sbatch --wait), i.e. the whole study, and exit with its exit code",
+                  "dry_run": "print every job's script and sbatch line, submit nothing",
+                  "template": "the training jobs' sbatch template (default: slurm/job.sbatch.template)"}
+    for action in p._actions:  # submit's options, as they read for a study
+        action.help = study_help.get(action.dest, action.help)
     return p
 
 
