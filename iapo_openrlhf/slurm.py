@@ -924,6 +924,9 @@ def _node_ip_parser() -> _Parser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--towards", metavar="HOST", help="else the source address of the route to HOST")
     where.add_argument("--towards-node", metavar="NODE", help="else the route to this SLURM node's NodeAddr")
+    p.add_argument("--free-port", metavar="OPTION", action="append", default=[],
+                   help="with --exec: also append OPTION=PORT, a port free on ADDRESS now (repeatable); for "
+                        "Ray options whose default is a fixed port that another job on the node may hold")
     p.add_argument("--exec", dest="command", nargs=argparse.REMAINDER,
                    help="exec this command with --node-ip-address=ADDRESS appended (the rest of the line)")
     return p
@@ -969,7 +972,7 @@ def node_ip(argv: list[str]) -> int:
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     how = f"interface {args.ifname}" if args.ifname else f"interface {interface or '?'}, the route to {towards}"
     print(f"{PROG} node-ip: node {node}: Ray address {ip} ({how})", flush=True)
-    command = [*args.command, f"--node-ip-address={ip}"]
+    command = [*args.command, f"--node-ip-address={ip}", *(f"{option}={_free_port_on(ip)}" for option in args.free_port)]
     # vLLM's processes find their node's address in VLLM_HOST_IP, else by a route to 8.8.8.8
     # (another interface, or none on nodes without a default route): the Ray address, per node.
     env = {**os.environ, "VLLM_HOST_IP": os.environ.get("VLLM_HOST_IP") or ip}

@@ -511,16 +511,29 @@ def check_targets(rows: list[Row], postfix_len: int) -> list[dict[str, str]]:
 # ---------------------------------------------------------------------------------------------
 
 # "tp1*": the plain model in one process; "tpN*": the AutoTP engine on N ranks (N = --tp).
-TP_CASES = ("tp1", "tp1_same_cores", "tpN_replicated_head", "tpN_vocab_parallel_head")
+TP_CASES = ("tp1", "tp1_same_cores", "tpN_replicated_head", "tpN_vocab_parallel_head", "zero3_gathered",
+            "zero3_module_hooks")
 TP_DEFAULT_LENGTHS = (512,)
-def _tp_case_setup(case: str, tp: int) -> tuple[int, bool | None]:
-    """(tensor-parallel size, vocab_parallel_lm_head) of a case."""
+def _tp_case_setup(case: str, tp: int) -> tuple[int, int, bool | None, int]:
+    """(processes, tensor-parallel size, vocab_parallel_lm_head, ZeRO stage) of a case. The
+    zero3_* cases run ZeRO-3 data parallel on N ranks: the estimator's parameters gathered once per
+    call (zero3_gathered) or module by module in every forward (zero3_module_hooks, the behaviour
+    before issue 14, forced with IAPO_ZERO3_GATHER=never)."""
     return {
-        "tp1": (1, None),
-        "tp1_same_cores": (1, None),
-        "tpN_replicated_head": (tp, False),
-        "tpN_vocab_parallel_head": (tp, True),
+        "tp1": (1, 1, None, 0),
+        "tp1_same_cores": (1, 1, None, 0),
+        "tpN_replicated_head": (tp, tp, False, 0),
+        "tpN_vocab_parallel_head": (tp, tp, True, 0),
+        "zero3_gathered": (tp, 1, None, 3),
+        "zero3_module_hooks": (tp, 1, None, 3),
     }[case]
+
+
+def _tp_cases() -> tuple[str, ...]:
+    """The vocab-parallel-head case needs DeepSpeed >= 0.19.8 (run with its overlay on PYTHONPATH)."""
+    version = _deepspeed_version() or "0"
+    has_vocab_parallel = tuple(int(x) for x in version.split(".")[:3] if x.isdigit()) >= (0, 19, 8)
+    return tuple(c for c in TP_CASES if c != "tpN_vocab_parallel_head" or has_vocab_parallel)
 
 
 def _case_threads(case: str, tp: int, threads: int | None) -> int:
@@ -534,33 +547,40 @@ def tp_worker(args: argparse.Namespace) -> None:
     AutoTP engine on every rank of a torchrun launch. Writes its results to args.tp_part (JSON,
     rank 0, every rank's record) and the entropies / log-probs of each rank to .rank{r}.pt."""
     case, length = args.tp_case, args.lengths[0]
-    tp, vocab_parallel = _tp_case_setup(case, args.tp)
+    procs, tp, vocab_parallel, zero = _tp_case_setup(case, args.tp)
+    if case == "zero3_module_hooks":
+        os.environ["IAPO_ZERO3_GATHER"] = "never"
     threads = _case_threads(case, args.tp, args.threads)
     torch.set_num_threads(threads)
     counter = CollectiveCounter()
     counter.wrap_torch()
     rank, world = 0, 1
-    if tp > 1:
+    if procs > 1:
         import deepspeed
         import torch.distributed as dist
 
         counter.wrap_deepspeed()
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        if world != tp:
-            raise SystemExit(f"--tp {tp}: launched with {world} processes, expected {tp}")
+        if world != procs:
+            raise SystemExit(f"--tp {args.tp}: launched with {world} processes, expected {procs}")
 
     job = Job(length=length, method="chunked", batch=args.batch, prompt_len=args.prompt_len,
               postfix_len=args.postfix_len, seed=args.seed, chunk_tokens=args.chunk_tokens)
     batch = build_batch(job)
     model = build_model(args.seed, job.prompt_len + length + job.postfix_len + 8)
-    if tp > 1:
+    if procs > 1:
         config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": 0},
-            "tensor_parallel": {"autotp_size": tp, "vocab_parallel_lm_head": vocab_parallel},
+            # ZeRO-3: no parameter kept whole on every rank (DeepSpeed's default threshold keeps the
+            # small ones of this model resident; none of a 7B's matrices would be)
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0} if zero == 3 else {"stage": 0},
         }
+        if tp > 1:
+            config["tensor_parallel"] = {"autotp_size": tp}
+            if vocab_parallel:
+                config["tensor_parallel"]["vocab_parallel_lm_head"] = True
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         hf, target = engine.module, engine
@@ -636,7 +656,8 @@ def tp_worker(args: argparse.Namespace) -> None:
         threads=threads,
         case=case,
         length=length,
-        layout=dict(tp_size=layout.tp_size, vocab_parallel=layout.vocab_parallel, vocab_start=layout.vocab_start,
+        layout=dict(tp_size=layout.tp_size, head=layout.head, vocab_parallel=layout.vocab_parallel,
+                    vocab_start=layout.vocab_start,
                     vocab_end=layout.vocab_end),
         lm_head_class=type(head).__name__,
         logits_width=logits_width,
@@ -662,7 +683,7 @@ def tp_worker(args: argparse.Namespace) -> None:
         peak_mb=None if rss_before is None or hwm is None else max(0, hwm - rss_before) / 1024,
         memory_method=memory_method,
     )
-    if tp > 1:
+    if procs > 1:
         import deepspeed.comm.comm as ds_comm
 
         record["shm_vector_kernel_level"] = getattr(ds_comm.cdb, "shm_vector_kernel_level", None)
@@ -673,7 +694,7 @@ def tp_worker(args: argparse.Namespace) -> None:
     torch.save(dict(h=h, log_probs=lp), f"{args.tp_part}.rank{rank}.pt")
     if rank == 0:
         Path(args.tp_part).write_text(json.dumps(dict(ranks=records, deepspeed=_deepspeed_version()), indent=2) + "\n")
-    if tp > 1:
+    if procs > 1:
         dist.barrier()
         dist.destroy_process_group()
 
@@ -688,7 +709,7 @@ def _deepspeed_version() -> str | None:
 
 
 def _launch_case(args: argparse.Namespace, case: str, length: int, part: Path) -> dict[str, Any]:
-    tp, _ = _tp_case_setup(case, args.tp)
+    procs, *_ = _tp_case_setup(case, args.tp)
     script = str(Path(__file__).resolve())
     worker = [script, "--tp-worker", "--tp", str(args.tp), "--tp-case", case, "--tp-part", str(part),
               "--lengths", str(length), "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
@@ -696,8 +717,8 @@ def _launch_case(args: argparse.Namespace, case: str, length: int, part: Path) -
     for flag, value in (("--chunk-tokens", args.chunk_tokens), ("--repeats", args.repeats), ("--threads", args.threads)):
         if value is not None:
             worker += [flag, str(value)]
-    if tp > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}", *worker]
+    if procs > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *worker]
     else:
         command = [sys.executable, *worker]
     threads = _case_threads(case, args.tp, args.threads)
@@ -756,6 +777,11 @@ def _tp_rows(args: argparse.Namespace, length: int, results: dict[str, dict[str,
         def total(category: str, key: str, cats=cats) -> list[float]:
             return [c.get(category, {}).get(key, 0) for c in cats]
 
+        def gathered(collectives: dict) -> int:
+            """DeepSpeed's all-gathers (ZeRO-3 parameters, AutoTP's logit gather), payload bytes."""
+            return sum(b for cat, rec in collectives["by_category"].items() if cat != "estimator"
+                       for op, b in rec.get("op_bytes", {}).items() if op.startswith("all_gather"))
+
         head_rows = est[0]["collectives"]["lm_head_rows"]
         gather_formula = head_rows * vocab * 4 * (tp - 1) / tp
         # The cases are compared with each other: any case that shared the CPUs is flagged.
@@ -771,6 +797,7 @@ def _tp_rows(args: argparse.Namespace, length: int, results: dict[str, dict[str,
             lm_head=ranks[0]["lm_head_class"],
             shm_vector_kernel_level=ranks[0].get("shm_vector_kernel_level"),
             vocab_parallel=ranks[0]["layout"]["vocab_parallel"],
+            head_mode=ranks[0]["layout"]["head"],
             logits_width=ranks[0]["logits_width"],
             estimator_seconds=[e["seconds"] for e in est],
             x_tp1=max(e["seconds"] for e in est) / ref_seconds,
@@ -789,6 +816,9 @@ def _tp_rows(args: argparse.Namespace, length: int, results: dict[str, dict[str,
             other_wire_bytes=total("other", "wire_bytes"),
             logit_gather_formula_bytes=gather_formula,
             forward_collectives=[r["forward"]["collectives"] for r in ranks],
+            zero_stage=3 if case.startswith("zero3") else 0,
+            estimator_all_gather_bytes=[gathered(e["collectives"]) for e in est],
+            forward_all_gather_bytes=[gathered(r["forward"]["collectives"]) for r in ranks],
             max_diff_h=max(_max_diff(o["h"], ref_h) for o in res["outputs"]),
             max_diff_log_probs=max(_max_diff(o["log_probs"], ref_lp) for o in res["outputs"]),
             others_cpu=others,
@@ -823,8 +853,22 @@ def tp_tables(rows: list[dict[str, Any]]) -> str:
         "AutoTP body all-reduces (calls, bytes/rank) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+    zero_lines = [
+        "| L | case | ranks | estimator s (per rank) | forward s (per rank) | peak MB (per rank) | "
+        "parameters all-gathered per estimator call (bytes/rank) | per plain forward | ratio |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        head = "vocab-parallel" if r["vocab_parallel"] else ("full" if r["tp"] == 1 else "gathered (column-parallel)")
+        if r["zero_stage"] == 3:
+            est_b, fwd_b = r["estimator_all_gather_bytes"][0], r["forward_all_gather_bytes"][0]
+            zero_lines.append(
+                f"| {r['length']} | {r['case']} | {r['tp']} | {_per_rank(r['estimator_seconds'], '.3f')} | "
+                f"{_per_rank(r['forward_seconds'], '.3f')} | {_per_rank(r['peak_mb'], '.0f')} | {_bytes(est_b)} | "
+                f"{_bytes(fwd_b)} | {est_b / fwd_b if fwd_b else float('nan'):.2f} |"
+            )
+            continue
+        head = {"sliced": "sliced by the estimator (no logit gather)", "vocab_parallel": "vocab-parallel (DeepSpeed)",
+                "model": "full"}[r["head_mode"]]
         time_lines.append(
             f"| {r['length']} | {r['case']} | {r['tp']} x {r['threads_per_rank']} | {head} | "
             f"{_per_rank(r['estimator_seconds'], '.3f')} | {r['x_tp1']:.2f} | {_per_rank(r['forward_seconds'], '.3f')} | "
@@ -839,7 +883,7 @@ def tp_tables(rows: list[dict[str, Any]]) -> str:
                 f"{_ratio(r['estimator_wire_bytes'][0] + r['lm_head_wire_bytes'][0], r['logit_gather_formula_bytes'])} | "
                 f"{r['body_calls'][0]}, {_bytes(r['body_wire_bytes'][0])} |"
             )
-    return "\n".join(time_lines) + "\n\n" + "\n".join(byte_lines)
+    return "\n".join(time_lines) + "\n\n" + "\n".join(byte_lines) + "\n\n" + "\n".join(zero_lines)
 
 
 def tp_main(args: argparse.Namespace) -> None:
@@ -875,7 +919,7 @@ def tp_main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_mi_tp_") as tmp:
         for length in args.lengths:
             results = {}
-            for case in TP_CASES:
+            for case in _tp_cases():
                 results[case] = _launch_case(args, case, length, Path(tmp) / f"{case}_{length}.json")
             rows.extend(_tp_rows(args, length, results))
             save()

@@ -32,6 +32,9 @@ def _entry(rank: int, world: int, init_file: str, target: tuple[str, str], pytho
                       OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     if pythonpath:  # before the test module (and its deepspeed import) is loaded
         sys.path.insert(0, pythonpath)
+        # The overlay's JIT-built ops (shm comm) in their own folder: sharing torch's default one
+        # with the pinned DeepSpeed would rebuild them at every switch between the two versions.
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(pythonpath, "torch_extensions")
     fn = getattr(importlib.import_module(target[0]), target[1])
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -212,7 +212,9 @@ def test_iapo_shaping_norm_matches_the_core(norm):
     expected = iapo_advantages(rewards, mi, pi_old, mask, group_size=G, alpha=0.7, beta=0.3, correct=correct,
                                shaping_norm=norm)
     got = _in_rollout_order(_maker(IAPOExperienceMaker, args).compute_advantages_and_returns(experiences), "advantages")
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)  # OpenRLHF's group std eps 1e-9, ours 1e-6
+    # OpenRLHF's group std eps 1e-9, ours 1e-6. Off the actions (0.11's prompt columns) OpenRLHF's
+    # cumulative returns leave values its loss masks out; the shaping adds nothing there (test_openrlhf_plugin).
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=1e-5)
 
 
 def test_significance_reward_is_added_before_openrlhfs_baseline():
@@ -231,7 +233,7 @@ def test_significance_reward_is_added_before_openrlhfs_baseline():
     bonus = significance_length_reward(low, mask, correct, group_size=G, phase=phase, coef=0.5)
     assert bonus.abs().sum() > 0
     expected = grpo_advantages(rewards + bonus, mask, group_size=G)
-    torch.testing.assert_close(_in_rollout_order(ours, "advantages"), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_in_rollout_order(ours, "advantages")[mask], expected[mask], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_scalars(ours, lambda e: e.info["iapo/length_reward"]), bonus)
     assert all("iapo/mi" not in e.info for e in ours)
 

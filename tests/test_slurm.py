@@ -30,7 +30,7 @@ import yaml
 
 from hub_server import STUB_MODEL, cache_model
 from iapo_openrlhf import slurm as iapo_slurm
-from slurm_cluster import Cluster, Node
+from slurm_cluster import Cluster, Node, kill_processes_mentioning
 from slurm_cluster import slurm_cluster as slurm_cluster_on
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,6 +257,21 @@ def test_sbatch_missing_is_an_error_without_dry_run(tmp_path, monkeypatch):
     assert result.stderr == "iapo-slurm: error: sbatch not found on PATH: run on a SLURM login node " \
                             "(or use --dry-run to see the script)\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_node_ip_exec_appends_the_address_and_free_ports():
+    """What each Ray worker runs: the address, and a port free on it for each --free-port option
+    (Ray's fixed default for the dashboard agent may belong to another job on the node)."""
+    out = subprocess.run(
+        [sys.executable, "-m", "iapo_openrlhf.slurm", "node-ip", "--ifname", "lo",
+         "--free-port=--dashboard-agent-listen-port", "--exec", "echo", "ray", "start"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.splitlines()
+    assert out[0].startswith("iapo-slurm node-ip: node ") and "Ray address 127.0.0.1" in out[0], out
+    match = re.fullmatch(r"ray start --node-ip-address=127\.0\.0\.1 --dashboard-agent-listen-port=(\d+)", out[1])
+    assert match and 1024 <= int(match[1]) < 65536, out
+    with socket.socket() as s:  # free when chosen: it binds
+        s.bind(("127.0.0.1", int(match[1])))
 
 
 # -- study: rendering and errors ------------------------------------------------------------------
@@ -531,21 +546,7 @@ def test_job_fails_when_ray_does_not_come_up(jobs):
 
 
 def test_no_ray_process_outlives_its_job(jobs):
-    root = str(jobs["ray_root"])
-    left = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if root in cmdline:
-                left.append((int(proc.name), cmdline[:200]))
-    for pid, _ in left:  # ours (started by these jobs): do not leave them running
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
+    left = kill_processes_mentioning(str(jobs["ray_root"]))
     assert not left, left
 
 
@@ -598,7 +599,8 @@ def studies(slurm_cluster, tmp_path_factory):
             out = "".join(lines) + out
             evaluation = slurm_cluster.run("scontrol", "show", "job", ids["evaluation"]).stdout
         results[name] = (proc.returncode, out, err, base / name)
-    yield {"results": results, "cancel": cancel, "evaluation": evaluation, "seconds": time.monotonic() - started}
+    yield {"results": results, "cancel": cancel, "evaluation": evaluation, "seconds": time.monotonic() - started,
+           "left": kill_processes_mentioning(str(ray_root))}
     shutil.rmtree(ray_root, ignore_errors=True)
 
 
@@ -635,6 +637,7 @@ def test_study_trains_evaluates_and_collects_every_run(studies):
     assert len((study / "table" / "runs.csv").read_text().splitlines()) == 5
     assert (study / "table" / "metrics.csv").exists() and (study / "table" / "accuracy_vs_length.png").exists()
     assert f"table job {manifest['table_job']} finished with exit code 0" in out
+    assert not studies["left"], studies["left"]  # no Ray process outlives its job
 
 
 def test_study_lists_a_failed_run_and_its_evaluation_never_runs(studies):

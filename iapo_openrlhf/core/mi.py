@@ -32,6 +32,7 @@ from transformers.cache_utils import DynamicCache
 from .chunked import chunked_entropies, default_chunk_tokens
 from .modeling import additive_mask, check_no_sliding_window, param_dtype, sdpa_attention, text_config, uses_flash_attention
 from .parallel import EstimatorSession
+from .peer_failure import fail_together
 from .probe_cache import ProbeCache
 from .probes import Probes, action_spans, interpolate, span_probes
 from .references import kv_copy_entropies, naive_entropies
@@ -92,6 +93,7 @@ class _Layout:
     logits_to_keep: int | torch.Tensor
 
 
+@fail_together()
 def answer_entropy(
     model,
     sequences: torch.Tensor,
@@ -245,7 +247,7 @@ def _run(model, lay: _Layout, probes: Probes, plan, act, postfix, *, method, chu
             p_len = 0 if postfix is None else len(postfix)
             rows, key_len = lay.input_ids.shape
             if method == "chunked" and predict_mode == "postfix":
-                budget = chunk_tokens or default_chunk_tokens(rows, key_len, p_len, session)
+                budget = chunk_tokens or session.agree_min(default_chunk_tokens(rows, key_len, p_len, session))
                 cache = ProbeCache(text_config(model).num_hidden_layers, key_len + max(budget, p_len * rows))
             else:
                 cache = DynamicCache()

@@ -4,6 +4,7 @@ path: prompts, generation, reward parsing, the estimator and the update."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -51,3 +52,36 @@ def tiny_model_from_texts(out_dir: str | Path, cfg, *, seed: int = 0, vocab_size
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m iapo_openrlhf.local.tiny --config FILE`: write the config's tiny model to model.path
+    (the tokenizer is trained on data.train_path), e.g. for `iapo-train-ray --cpu` (configs/ray_tiny.yaml)."""
+    import argparse
+    import sys
+
+    from ..config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m iapo_openrlhf.local.tiny", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="YAML config with data.train_path and model.path")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--out", help="output directory (default: the config's model.path)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set, local_files=False)
+        out = args.out or cfg.model.path
+        if not out:
+            raise ConfigError("model.path: not set, expected the directory to write the tiny model to (or --out DIR)")
+        if cfg.data.task != "jsonl" or not cfg.data.train_path or not os.path.isfile(cfg.data.train_path):
+            raise ConfigError(f"data.train_path: {cfg.data.train_path} is not a file, expected the prompt JSONL the "
+                              "tokenizer is trained on (scripts/prepare_data.py writes it)")
+    except ConfigError as e:
+        print(f"iapo_openrlhf.local.tiny: error: {e}", file=sys.stderr)
+        return 2
+    path = tiny_model_from_texts(out, cfg, seed=cfg.seed)
+    print(f"wrote a tiny Qwen2 and its tokenizer to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

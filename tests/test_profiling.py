@@ -1,35 +1,24 @@
-"""The byte counter of `scripts/bench_mi.py --tp`: it must see the estimator's vocab-parallel
-reductions (called as `dist.all_reduce` from the library, not from the script) and count their bytes."""
+"""The collective byte counter (`iapo_openrlhf.profiling`, used by `scripts/bench_mi.py --tp`, the
+TP tests and the GPU check): it must see the estimator's vocab-parallel reductions (called as
+`dist.all_reduce` from the library, not from the caller) and count their bytes and shapes."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_mi.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_mi_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from iapo_openrlhf import profiling
 
 
 def test_counter_sees_the_vocab_parallel_reductions(monkeypatch):
     from iapo_openrlhf.core.vocab_parallel import vocab_parallel_entropy, vocab_parallel_log_probs
 
-    bench = _bench()
-    for op in bench.COLLECTIVE_OPS:  # monkeypatch puts the unwrapped functions back afterwards
+    for op in profiling.COLLECTIVE_OPS:  # monkeypatch puts the unwrapped functions back afterwards
         if hasattr(dist, op):
             monkeypatch.setattr(dist, op, getattr(dist, op))
-    counter = bench.CollectiveCounter()
+    counter = profiling.CollectiveCounter(record_shapes=True)
     counter.wrap_torch()
     rows, vocab = 7, 10
     logits = torch.randn(rows, vocab)
@@ -53,6 +42,10 @@ def test_counter_sees_the_vocab_parallel_reductions(monkeypatch):
     assert estimator["payload_bytes"] == payload, estimator
     assert estimator["wire_bytes"] == 0, estimator  # one rank sends nothing
     assert counter.records["other"]["calls"] == 1 and counter.records["other"]["payload_bytes"] == 12
+    assert counter.total("all_reduce") == payload + 12 and counter.total("all_gather") == 0
+    assert counter.total("all_reduce", categories=("estimator",)) == payload
+    # shapes: the max (rows,) and the stacked sums (2, rows) of each function, then the caller's (3,)
+    assert [shape for _, _, shape in counter.shapes] == [(rows,), (2, rows), (rows,), (2, rows), (3,)]
     # per rank on a ring of 2: an all-reduce sends its payload, an all-gather half its output
-    assert bench._wire_bytes("all_reduce", payload, 2) == payload
-    assert bench._wire_bytes("all_gather_into_tensor", 1000, 2) == 500
+    assert profiling._wire_bytes("all_reduce", payload, 2) == payload
+    assert profiling._wire_bytes("all_gather_into_tensor", 1000, 2) == 500
