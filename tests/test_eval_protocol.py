@@ -4,7 +4,6 @@ one-line errors with exit code 2."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 
 from iapo_openrlhf.cli import eval as eval_cli
 from iapo_openrlhf.eval.generation import Samples, protocol_result, vllm_available
+from test_prepare_data import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
@@ -33,10 +33,7 @@ def tiny(tmp_path_factory):
     rows = (GSM8K / "train.jsonl").read_text().splitlines(keepends=True)
     (root / "src_train.jsonl").write_text("".join(rows[:60]))
     (root / "src_test.jsonl").write_text("".join(rows[60:63]))
-    spec = importlib.util.spec_from_file_location("prepare_data_eval", ROOT / "scripts" / "prepare_data.py")
-    prepare = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = prepare
-    spec.loader.exec_module(prepare)
+    prepare = load_script()  # scripts/prepare_data.py
     assert prepare.main(["gsm8k", "--input", str(root / "src_train.jsonl"), "--style", "paper", "--limit", "6",
                          "--holdout", f"2:{root / 'val.jsonl'}", "--out", str(root / "train.jsonl")]) == 0
     assert prepare.main(["gsm8k", "--input", str(root / "src_test.jsonl"), "--split", "test", "--style", "paper",

@@ -4,9 +4,7 @@ config driving the local backend end to end on the authors' prompt (tiny model, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import pytest
 from iapo_openrlhf.config import METHODS, ConfigError, group_size, load_config
 from iapo_openrlhf.data import PAPER_SYSTEM_PROMPT, load_jsonl, render_chat
 from iapo_openrlhf.openrlhf.config_args import openrlhf_args
+from test_prepare_data import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "paper"
@@ -140,14 +139,6 @@ def test_per_method_applies_to_its_method_only_and_set_wins(tmp_path):
 
 # -- the local backend on a paper config ----------------------------------------------------------------
 
-def _prepare_data():
-    spec = importlib.util.spec_from_file_location("prepare_data_paper", ROOT / "scripts" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(not GSM8K.exists(), reason="../shared/data/gsm8k not beside the checkout")
 def test_paper_config_drives_the_local_backend(tmp_path, capsys):
     """configs/paper/qwen2.5-0.5b_gsm8k.yaml with a tiny model on 40 GSM8K rows prepared as the README
@@ -157,7 +148,7 @@ def test_paper_config_drives_the_local_backend(tmp_path, capsys):
     rows = GSM8K / "train.jsonl"
     small = tmp_path / "train40.jsonl"
     small.write_text("".join(rows.read_text().splitlines(keepends=True)[:40]))
-    prepare = _prepare_data()
+    prepare = load_script()  # scripts/prepare_data.py
     data = tmp_path / "data"
     assert prepare.main(["gsm8k", "--input", str(small), "--split", "train", "--style", "paper",
                          "--holdout", f"8:{data / 'val.jsonl'}", "--out", str(data / "train.jsonl")]) == 0

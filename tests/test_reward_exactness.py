@@ -3,26 +3,17 @@ every gold plus or minus one scores 0 (an integer gold compares exactly); the au
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
 from iapo_openrlhf.rewards import compute_reward, format_ok, format_ok_authors, is_correct
+from test_prepare_data import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
-
-
-def _prepare_data():
-    spec = importlib.util.spec_from_file_location("prepare_data_for_rewards", ROOT / "scripts" / "prepare_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def _text(value: Fraction) -> str:
@@ -51,7 +42,7 @@ REJECTED = [
 
 @pytest.mark.skipif(not GSM8K_TEST.exists(), reason="../shared/data/gsm8k not beside the checkout")
 def test_every_gsm8k_test_gold_is_accepted_and_its_neighbours_refused():
-    prepare = _prepare_data()
+    prepare = load_script()  # scripts/prepare_data.py
     rows = [json.loads(line) for line in GSM8K_TEST.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert len(rows) == 1319
     wrong = []
