@@ -402,12 +402,18 @@ def _sbatch(cmd: list[str]) -> tuple[subprocess.Popen, str | None, str]:
     return proc, None, errors[-1] if errors else f"exit code {proc.returncode}"
 
 
+def _which_sbatch(dry_run: bool, what: str) -> str | None:
+    """sbatch's path; a missing sbatch is an error unless nothing is to be submitted."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None and not dry_run:
+        raise UsageError(f"sbatch not found on PATH: run on a SLURM login node (or use --dry-run to see {what})")
+    return sbatch
+
+
 def submit(argv: list[str]) -> int:
     args = _submit_parser().parse_args(argv)
     script, facts = build(args)
-    sbatch = shutil.which("sbatch")
-    if sbatch is None and not args.dry_run:
-        raise UsageError("sbatch not found on PATH: run on a SLURM login node (or use --dry-run to see the script)")
+    sbatch = _which_sbatch(args.dry_run, "the script")
     if args.backend == "ray" and args.check:
         _check_ray_config(args, facts["job_env"])
     if args.dry_run:
@@ -640,9 +646,7 @@ def _dependency(job: dict, ids: dict[str, str]) -> list[str]:
 def study(argv: list[str]) -> int:
     args = _study_parser().parse_args(argv)
     jobs, manifest = build_study(args)
-    sbatch = shutil.which("sbatch")
-    if sbatch is None and not args.dry_run:
-        raise UsageError("sbatch not found on PATH: run on a SLURM login node (or use --dry-run to see the scripts)")
+    sbatch = _which_sbatch(args.dry_run, "the scripts")
     if args.dry_run:
         print(f"# iapo-slurm study: {len(manifest['runs'])} runs ({', '.join(manifest['methods'])} x seeds "
               f"{', '.join(map(str, manifest['seeds']))}) of {manifest['config']} in {manifest['study_dir']}: "

@@ -382,6 +382,18 @@ def test_study_errors_are_one_line_and_exit_2(args, message, tmp_path, capsys, m
     assert message in err
 
 
+def test_study_without_sbatch_is_an_error_and_writes_nothing(tmp_path):
+    config = tiny_config(tmp_path / "tiny.yaml", tmp_path / "out")
+    env = dict(os.environ, PATH=str(tmp_path / "empty"))
+    result = subprocess.run([sys.executable, "-m", "iapo_openrlhf.slurm", "study", "--config", str(config),
+                             "--backend", "local", "--gpus-per-node", "0"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "iapo-slurm: error: sbatch not found on PATH: run on a SLURM login node " \
+                            "(or use --dry-run to see the scripts)\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_wait_ray_times_out_with_a_message(capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
