@@ -14,7 +14,9 @@ plus the chunk size it chose and, as a spot check, the largest difference to the
 one-forward-per-prefix reference at 6 probed columns (bf16: differences of a few 0.01 nats are
 rounding). Then, when DeepSpeed is importable, the same estimator call through a 1-GPU DeepSpeed
 ZeRO-3 engine over NCCL: NCCL refuses CPU tensors, so finishing proves no CPU tensor reached a
-collective; it reports the parameter bytes the call all-gathered against one plain forward's.
+collective; it reports the parameter bytes the call all-gathered against one plain forward's. The
+collectives that only a TP rank (sliced LM head) or ZeRO-3's module-by-module fallback makes run
+too, over the world group, with their entropies compared against the plain result.
 
 Run on the GPU machine (torch with CUDA and transformers; no vLLM, Ray or flash-attn needed):
 
@@ -190,7 +192,28 @@ def zero3_check(model, b, h_plain: torch.Tensor) -> dict:
     # is that every collective of the call (the estimator's own, DeepSpeed's) accepted its tensors.
     return dict(backend=backend, world_size=1, estimator=stats, gathered_once=gathered_once,
                 gathered_bytes=counter.total("all_gather"), plain_forward_gathered_bytes=forward_bytes,
-                max_diff_vs_plain=float((h - h_plain).abs().max()))
+                max_diff_vs_plain=float((h - h_plain).abs().max()), **forced_collectives(engine, b, h_plain))
+
+
+def forced_collectives(engine, b, h_plain: torch.Tensor) -> dict:
+    """On one GPU the estimator skips the collectives of a TP rank (batch fingerprint, chunk-size
+    agreement, vocab-parallel reductions of the sliced head) and of ZeRO-3's fallback (forward-count
+    agreement). Run each over the world group anyway, so NCCL sees every tensor they send."""
+    from unittest import mock
+
+    import torch.distributed as dist
+    from iapo_openrlhf.core import parallel
+
+    vocab = engine.module.config.vocab_size
+    as_tp_rank = parallel.ParallelLayout(tp_group=dist.group.WORLD, tp_size=1, head="sliced", vocab_start=0,
+                                         vocab_end=vocab, zero_stage=3)
+    with mock.patch.object(parallel, "parallel_layout", lambda model: as_tp_rank):
+        h_tp, _ = estimator(engine, b)
+    with mock.patch.dict(os.environ, IAPO_ZERO3_GATHER="never"), \
+            mock.patch.object(parallel.EstimatorSession, "count_sync", property(lambda self: True)):
+        h_fallback, _ = estimator(engine, b)
+    return dict(tp_rank_paths_max_diff=float((h_tp - h_plain).abs().max()),
+                zero3_fallback_max_diff=float((h_fallback - h_plain).abs().max()))
 
 
 def main() -> None:

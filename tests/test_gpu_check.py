@@ -25,6 +25,8 @@ def test_gpu_check_smoke(tmp_path):
         assert row["naive_spot_check_max_diff"] < 0.1
     zero3 = report["zero3"]
     assert zero3["backend"] == "gloo" and zero3["gathered_once"] and zero3["max_diff_vs_plain"] == 0.0
+    # the TP rank's and the fallback's collectives ran (a sliced head sums in another order: bf16 rounding)
+    assert zero3["tp_rank_paths_max_diff"] < 0.1 and zero3["zero3_fallback_max_diff"] < 0.1, zero3
 
 
 def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):

@@ -39,7 +39,7 @@ import pytest
 import yaml
 
 from hub_server import cache_model
-from slurm_cluster import Node, netns_network, slurm_cluster
+from slurm_cluster import Node, kill_processes_mentioning, netns_network, slurm_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-org/cached-model"
@@ -182,19 +182,5 @@ def test_interface_missing_on_a_node_fails_the_bring_up(jobs):
 
 
 def test_no_ray_process_outlives_the_jobs(jobs):
-    root = str(jobs["ray_root"])
-    left = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if root in cmdline:
-                left.append((int(proc.name), cmdline[:200]))
-    for pid, _ in left:  # ours (started by these jobs): do not leave them running
-        try:
-            os.kill(pid, 9)
-        except OSError:
-            pass
+    left = kill_processes_mentioning(str(jobs["ray_root"]))
     assert not left, left

@@ -71,7 +71,8 @@ def _check(rank: int, world: int, zero: int, tp: int, tied: bool, vocab_parallel
     from iapo_openrlhf.core.parallel import parallel_layout
 
     assert (deepspeed.__version__ == "0.19.8") == ds0198, deepspeed.__version__
-    os.environ["IAPO_ZERO3_GATHER"] = gather
+    # "never-rank1": the variable reaches one process only; the ranks must still decide alike
+    os.environ["IAPO_ZERO3_GATHER"] = "never" if gather == "never-rank1" and rank == 1 else gather
     model = _model(tied, vocab=VOCAB)
     seq, att, act = _batch(rank, same_data)
     ref_h, ref_lp = answer_entropy(copy.deepcopy(model), seq, att, act, POSTFIX, return_log_probs=True)
@@ -127,7 +128,8 @@ def test_autotp2_matches_single_process(tied, vocab_parallel, ds0198):
     run_distributed(_check, 2, 300.0, 0, 2, tied, vocab_parallel, True, ds0198, pythonpath=overlay)
 
 
-@pytest.mark.parametrize("gather", ["auto", "never"], ids=["gathered-once", "fallback-module-hooks"])
+@pytest.mark.parametrize("gather", ["auto", "never", "never-rank1"],
+                         ids=["gathered-once", "fallback-module-hooks", "fallback-set-on-one-rank"])
 def test_zero3_uneven_lengths_match_single_process(gather):
     run_distributed(_check, 2, 300.0, 3, 1, False, None, False, False, gather)
 
@@ -143,6 +145,28 @@ def _mismatch(rank: int, world: int) -> None:
 
 def test_tp_batch_mismatch_is_an_error_not_a_hang():
     run_distributed(_mismatch, 2, 120.0)
+
+
+def _budgets_differ(rank: int, world: int) -> None:
+    import iapo_openrlhf.core.mi as mi
+    from iapo_openrlhf.core.mi import answer_entropy
+
+    model = _model(False, vocab=VOCAB)
+    seq, att, act = _batch(rank, same_data=True)
+    ref = answer_entropy(copy.deepcopy(model), seq, att, act, POSTFIX, chunk_tokens=5)
+    engine = _engine(model, 0, 2, None)
+    # On a GPU the automatic chunk size follows each rank's free memory and vocabulary slice: here
+    # rank 0 would take 1 probe per row and forward, rank 1 every probe in one forward.
+    rows = seq.shape[0]
+    mi.default_chunk_tokens = lambda *a, **k: rows * len(POSTFIX) * (1 if rank == 0 else 64)
+    h = answer_entropy(engine, seq, att, act, POSTFIX)
+    torch.testing.assert_close(h, ref, atol=1e-4, rtol=0)
+
+
+def test_tp_ranks_agree_on_an_automatic_chunk_size():
+    """Without the agreement rank 0 runs more probe forwards than rank 1 and the ranks' layer
+    all-reduces no longer pair up (a hang until the deadline, or wrong numbers)."""
+    run_distributed(_budgets_differ, 2, 120.0)
 
 
 def _one_rank_fails(rank: int, world: int) -> None:

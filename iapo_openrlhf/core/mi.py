@@ -247,7 +247,7 @@ def _run(model, lay: _Layout, probes: Probes, plan, act, postfix, *, method, chu
             p_len = 0 if postfix is None else len(postfix)
             rows, key_len = lay.input_ids.shape
             if method == "chunked" and predict_mode == "postfix":
-                budget = chunk_tokens or default_chunk_tokens(rows, key_len, p_len, session)
+                budget = chunk_tokens or session.agree_min(default_chunk_tokens(rows, key_len, p_len, session))
                 cache = ProbeCache(text_config(model).num_hidden_layers, key_len + max(budget, p_len * rows))
             else:
                 cache = DynamicCache()

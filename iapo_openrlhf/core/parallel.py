@@ -201,7 +201,10 @@ class EstimatorSession:
     @property
     def device(self) -> torch.device:
         p = next(self.hf.parameters())
-        return p.device if p.device.type != "meta" else torch.device("cpu")
+        if p.device.type != "meta":
+            return p.device
+        # NCCL takes no CPU tensors: the collectives' device when the weights do not say.
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
     @property
     def count_sync(self) -> bool:
@@ -225,20 +228,22 @@ class EstimatorSession:
         partitioned = [p for p in _zero3_params(self.hf) if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
         need = sum(p.ds_numel * p.element_size() for p in partitioned)
         # The decision must be the same on every rank (the gather is a collective): the smallest
-        # free memory decides.
+        # free memory decides, and IAPO_ZERO3_GATHER=never on any rank (-2) forces the fallback on
+        # all, so that an environment set on some processes only cannot split them.
+        never = os.environ.get("IAPO_ZERO3_GATHER", "auto") == "never"
         free = available_bytes(self.device)
-        free_t = torch.tensor([free if free is not None else -1], dtype=torch.long, device=self.device)
+        free_t = torch.tensor([-2 if never else free if free is not None else -1], dtype=torch.long, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(free_t, op=dist.ReduceOp.MIN)
         free = int(free_t)
-        if os.environ.get("IAPO_ZERO3_GATHER", "auto") == "never" or (free >= 0 and need > (1 - PROBE_MEMORY_SHARE) * free):
+        if free == -2 or (free >= 0 and need > (1 - PROBE_MEMORY_SHARE) * free):
             global _warned_no_room
             if not _warned_no_room:
-                logger.warning(
-                    "IAPO estimator: ZeRO-3's gathered parameters (%.2f GB on this rank) do not fit in %.0f%% of the "
-                    "free memory (%.2f GB); falling back to gathering module by module in every probe forward "
-                    "(slower: one parameter gather per chunk)", need / 1e9, 100 * (1 - PROBE_MEMORY_SHARE),
-                    max(free, 0) / 1e9)
+                why = ("IAPO_ZERO3_GATHER=never is set on a rank" if free == -2 else
+                       f"ZeRO-3's gathered parameters ({need / 1e9:.2f} GB on this rank) do not fit in "
+                       f"{100 * (1 - PROBE_MEMORY_SHARE):.0f}% of the free memory ({free / 1e9:.2f} GB, smallest rank)")
+                logger.warning("IAPO estimator: %s; falling back to gathering module by module in every probe forward "
+                               "(slower: one parameter gather per chunk)", why)
                 _warned_no_room = True
             return
         if partitioned:
@@ -311,6 +316,16 @@ class EstimatorSession:
                 f"sequences: tensor-parallel ranks hold different batches ({shapes}); every rank of a TP group "
                 "must get the same samples (as OpenRLHF's actor does)"
             )
+
+    def agree_min(self, value: int) -> int:
+        """The smallest `value` over the TP group. An automatic chunk size comes from each rank's
+        own free memory and vocabulary slice; TP ranks must run the same forwards (every layer and
+        the vocab-parallel reductions are collectives), so they take the smallest."""
+        if self.layout.tp_group is None:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.layout.tp_group)
+        return int(t)
 
     def forwards_to_match(self, mine: int) -> int:
         """With ZeRO-3's hooks active every forward gathers parameters over all ranks: the number

@@ -55,7 +55,7 @@ from ..core.methods import (
     significance_phase,
 )
 from ..core.mi import answer_entropy, token_mi
-from ..data import Example, load_jsonl, synthetic_examples
+from ..data import Example, load_jsonl, render_chat, synthetic_examples, think_in_prompt
 from ..eval.generation import evaluate_model
 from ..preemption import Preempted
 from ..rewards import R1_SYSTEM_PROMPT, batch_rewards
@@ -145,9 +145,21 @@ class LocalTrainer:
             self.test_examples = synthetic_examples(self.task, "test", cfg.data.num_test or 256)
         else:
             system = R1_SYSTEM_PROMPT if cfg.data.system_prompt == "r1" else None
-            self.train_examples = load_jsonl(cfg.data.train_path, cfg.data.input_key, cfg.data.label_key, system)
-            test = load_jsonl(cfg.data.test_path, cfg.data.input_key, cfg.data.label_key, system)
-            self.test_examples = test[: cfg.data.num_test] if cfg.data.num_test else test
+            chat = cfg.data.system_prompt == "paper"
+            self.train_examples = load_jsonl(cfg.data.train_path, cfg.data.input_key, cfg.data.label_key, system,
+                                             chat=chat)
+            if cfg.train.epochs > 1:  # each pass covers the same first prompts, as OpenRLHF's --data.max_samples
+                per_epoch = cfg.train.steps // cfg.train.epochs * cfg.rollout.prompts_per_step
+                if len(self.train_examples) < per_epoch:
+                    raise ConfigError(
+                        f"train.steps: {cfg.train.steps} steps in {cfg.train.epochs} epochs take {per_epoch} prompts "
+                        f"per epoch, {cfg.data.train_path} has {len(self.train_examples)}; expected train.steps <= "
+                        f"{cfg.train.epochs * (len(self.train_examples) // cfg.rollout.prompts_per_step)}")
+                self.train_examples = self.train_examples[:per_epoch]
+            # Evaluations during training read the validation split when there is one, never test then.
+            held = load_jsonl(cfg.data.val_path or cfg.data.test_path, cfg.data.input_key, cfg.data.label_key,
+                              system, chat=chat)
+            self.test_examples = held[: cfg.data.num_test] if cfg.data.num_test else held
         self.initial_dir = self._initial_model_dir()
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         checkpoint = self._latest_checkpoint() if resume else None
@@ -155,6 +167,9 @@ class LocalTrainer:
             raise ConfigError(f"--resume: no checkpoint under {self.out / CHECKPOINTS}, run without --resume first")
         source = checkpoint or self.initial_dir
         self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.train_examples = render_chat(self.train_examples, self.tokenizer)
+        self.test_examples = render_chat(self.test_examples, self.tokenizer)
+        self.think_in_prompt = think_in_prompt([e.prompt for e in self.train_examples])
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(self.device)
         self.model.config.use_cache = False
         self.ref = None
@@ -165,7 +180,9 @@ class LocalTrainer:
         if needs_mi(cfg) and cfg.iapo.predict_mode == "postfix" and not postfix:
             raise ConfigError(f"iapo.postfix: {cfg.iapo.postfix!r} tokenizes to nothing, expected a postfix with tokens")
         self.postfix_ids = postfix
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
+        betas = tuple(cfg.train.adam_betas) if cfg.train.adam_betas is not None else (0.9, 0.999)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=betas, weight_decay=0.0)
+        self.scheduler = self._scheduler()
         self.step = 0
         self.position = 0
         if checkpoint is not None:
@@ -177,6 +194,20 @@ class LocalTrainer:
             self.log_path.unlink(missing_ok=True)
         # The run's settings beside its metrics (scripts/collect_results.py names rows by method).
         (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+
+    def _scheduler(self):
+        """The lr schedule over every optimizer step of the run (train.steps x train.ppo_epochs)."""
+        from transformers import get_scheduler
+
+        cfg = self.cfg
+        name = cfg.train.lr_scheduler or "constant"
+        total = cfg.train.steps * cfg.train.ppo_epochs
+        warmup = round(total * (cfg.train.lr_warmup_ratio or 0.0))
+        if name == "constant":
+            name = "constant_with_warmup"
+        extra = {"min_lr_rate": 0.1} if name == "cosine_with_min_lr" else None  # OpenRLHF's min_lr_ratio
+        return get_scheduler(name, self.optimizer, num_warmup_steps=warmup, num_training_steps=total,
+                             scheduler_specific_kwargs=extra)
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -200,7 +231,8 @@ class LocalTrainer:
         golds = [e.label for e in examples for _ in range(g)]
         rollout = generate(self.model, self.tokenizer, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
                            temperature=cfg.rollout.temperature)
-        results = batch_rewards(rollout.completions, golds, cfg.reward.scheme, think_in_prompt=True)
+        results = batch_rewards(rollout.completions, golds, cfg.reward.scheme, think_in_prompt=self.think_in_prompt,
+                                format_check=cfg.reward.format)
         rewards = torch.tensor([r.reward for r in results], dtype=torch.float32)
         if cfg.method == "dapo":
             rewards = rewards + overlong_penalty(rollout.lengths, cfg.rollout.max_new_tokens,
@@ -358,11 +390,14 @@ class LocalTrainer:
                 stats["loss"] += float(loss.detach()) * weight
                 stats["clip_frac"] += s["clip_frac"] * weight
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this update used
             self.optimizer.step()
+            self.scheduler.step()
             updates += 1
         self.model.eval()
         stats = {k: v / updates for k, v in stats.items()}
         stats["grad_norm"] = float(grad_norm)
+        stats["lr"] = float(lr)
         return stats
 
     def train_step(self) -> dict:
@@ -397,7 +432,7 @@ class LocalTrainer:
         return evaluate_model(
             self.model, self.tokenizer, self.test_examples, ks=cfg.eval.k, temperature=cfg.eval.temperature,
             max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, reward_scheme=cfg.reward.scheme,
-            seed=cfg.seed + 12345,
+            format_check=cfg.reward.format, seed=cfg.seed + 12345,
         )
 
     def _log(self, record: dict) -> None:
@@ -422,6 +457,7 @@ class LocalTrainer:
                 "step": self.step,
                 "position": self.position,
                 "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(),
                 "numpy_rng": np.random.get_state(),
@@ -437,6 +473,8 @@ class LocalTrainer:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         self.step, self.position = state["step"], state["position"]
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])

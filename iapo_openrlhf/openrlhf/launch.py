@@ -40,6 +40,7 @@ from .settings import (
 PROG = "iapo-train-ray"
 REWARD_FILE = str(Path(__file__).with_name("reward_func.py"))
 SCHEME_ENV = "IAPO_REWARD_SCHEME"  # read by reward_func.py in the rollout workers
+FORMAT_ENV = "IAPO_REWARD_FORMAT"  # the format check (reward.format), read there too
 DUMP_ENV = "IAPO_DUMP_EXPERIENCES"  # experience_maker.DUMP_ENV (not imported: it needs OpenRLHF)
 # OpenRLHF estimators IAPO can sit on: the shaping is added to a per-prompt group baseline.
 GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
@@ -283,12 +284,13 @@ def _check_gpu_stack(cpu: bool = False) -> None:
 
 def _worker_env() -> dict[str, str]:
     """OpenRLHF's own worker environment (what train() would ray.init with) plus ours: the reward
-    scheme and, when set, the experience dump directory (experience_maker.DUMP_ENV)."""
+    scheme and format check and, when set, the experience dump directory (experience_maker.DUMP_ENV)."""
     env = {
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
         "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
         "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
         SCHEME_ENV: os.environ.get(SCHEME_ENV, "paper"),
+        FORMAT_ENV: os.environ.get(FORMAT_ENV, "r1"),
     }
     if os.environ.get(DUMP_ENV):
         env[DUMP_ENV] = os.path.abspath(os.environ[DUMP_ENV])
@@ -445,6 +447,7 @@ def expand_config(argv: list[str]) -> list[str]:
     except ConfigError as e:
         raise UsageError(str(e)) from None
     os.environ[SCHEME_ENV] = cfg.reward.scheme
+    os.environ[FORMAT_ENV] = cfg.reward.format
     return expanded + rest
 
 
