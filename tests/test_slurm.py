@@ -553,7 +553,8 @@ def test_sigterm_requeues_the_job_and_it_resumes(jobs):
     assert signalled.get("scancel") is not None and signalled["scancel"].returncode == 0, signalled
     assert job.code == 0, _describe(job)
     log = job.log
-    for line in ("SIGTERM received", "requeued (this was run 0)", "run 1 of job",
+    for line in ("SIGTERM received", "iapo-train: SIGTERM: saved the checkpoint of step ", "training exited with code 143",
+                 "requeued (this was run 0)", "run 1 of job",
                  "a checkpoint exists under", "resuming from it", "training finished (exit code 0)"):
         assert line in log, line + "\n" + _describe(job)
     assert log.index("SIGTERM received") < log.index("phase 4/4") < log.index("requeued") < log.index("run 1 of job")
