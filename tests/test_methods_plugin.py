@@ -410,6 +410,8 @@ NO_KL_LOSS = [a for a in PAPER_7B if a != "--algo.kl.use_loss"]
          "--significance.threshold: set with significance.selection=fraction"),
         (["--iapo.method", "gfpo", "--gfpo.keep", "4"],
          "--train.batch_size 1024: GFPO trains on --rollout.batch_size x --gfpo.keep = 512 samples per rollout step"),
+        (["--iapo.method", "gfpo", "--gfpo.keep", "4", "--train.batch_size", "512", "--rollout.micro_batch_size", "12"],
+         "the 512 samples GFPO keeps make 42 micro-batches, expected a multiple of the 8 actor processes under ZeRO-3"),
         (["--iapo.method", "bogus"], "argument --iapo.method: invalid choice: 'bogus'"),
         (["--iapo.shaping_norm", "l3"], "argument --iapo.shaping_norm: invalid choice: 'l3'"),
         (["--gfpo.kepp", "4"], "unrecognized arguments: --gfpo.kepp 4"),

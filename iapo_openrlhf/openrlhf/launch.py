@@ -148,9 +148,16 @@ def check_method_combination(args: argparse.Namespace, methods) -> None:
                 f"{kept} samples per rollout step, expected a divisor of {kept} (e.g. --train.batch_size {kept})")
         actors = get("actor.num_nodes") * get("actor.num_gpus_per_node") // get("ds.ring_attn_size") \
             // get("ds.tensor_parallel_size")
-        if kept // get("rollout.micro_batch_size") < actors:
+        micro = kept // get("rollout.micro_batch_size")
+        if micro < actors:
             raise UsageError(f"--rollout.micro_batch_size {get('rollout.micro_batch_size')}: the {kept} samples GFPO "
                              f"keeps make fewer micro-batches than the {actors} actor processes, expected a smaller one")
+        # Under ZeRO-3 every forward is a collective over all actors: one with an extra micro-batch
+        # would wait for partners that never come.
+        if get("ds.zero_stage") == 3 and micro % actors:
+            raise UsageError(f"--rollout.micro_batch_size {get('rollout.micro_batch_size')}: the {kept} samples GFPO "
+                             f"keeps make {micro} micro-batches, expected a multiple of the {actors} actor processes "
+                             "under ZeRO-3 (each forward is a collective over all of them)")
     if method == "gtpo" and get("algo.kl.init_coef") > 0 and not get("algo.kl.use_loss"):
         raise UsageError("--iapo.method gtpo: GTPO replaces OpenRLHF's advantages, expected --algo.kl.use_loss "
                          "(KL as a loss term; a KL in the reward would be dropped)")
@@ -284,7 +291,8 @@ def _check_gpu_stack(cpu: bool = False) -> None:
 
 def _worker_env() -> dict[str, str]:
     """OpenRLHF's own worker environment (what train() would ray.init with) plus ours: the reward
-    scheme and format check and, when set, the experience dump directory (experience_maker.DUMP_ENV)."""
+    scheme and format check and, when set, the experience dump directory (experience_maker.DUMP_ENV)
+    and the estimator's ZeRO-3 gather setting."""
     env = {
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
         "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
@@ -292,6 +300,9 @@ def _worker_env() -> dict[str, str]:
         SCHEME_ENV: os.environ.get(SCHEME_ENV, "paper"),
         FORMAT_ENV: os.environ.get(FORMAT_ENV, "r1"),
     }
+    # Set on the driver only, it would reach no actor; its value must be the same on every rank.
+    if os.environ.get("IAPO_ZERO3_GATHER"):
+        env["IAPO_ZERO3_GATHER"] = os.environ["IAPO_ZERO3_GATHER"]
     if os.environ.get(DUMP_ENV):
         env[DUMP_ENV] = os.path.abspath(os.environ[DUMP_ENV])
     return env
