@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["iapo_openrlhf", "iapo_openrlhf.*"]),
-    data_files=[("share/iapo-openrlhf/slurm", ["slurm/job.sbatch.template"])],
+    data_files=[("share/iapo-openrlhf/slurm", ["slurm/job.sbatch.template", "slurm/step.sbatch.template"])],
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -6,6 +6,7 @@ how to fix it; the CLIs print it and exit with code 2 before any model is loaded
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -41,12 +42,16 @@ class DataConfig:
     task: str = "synthetic"  # synthetic | jsonl
     train_path: str | None = None  # jsonl: rows with input_key and label_key
     test_path: str | None = None
+    # Validation prompts carved from the training data (scripts/prepare_data.py --holdout). When set,
+    # the evaluations during training (local eval.every, OpenRLHF --eval.dataset) and iapo-eval's
+    # checkpoint selection run on it, never on the test split, which only iapo-eval's final report reads.
+    val_path: str | None = None
     input_key: str = "question"
     label_key: str = "answer"
-    system_prompt: str = "r1"  # r1 | none
+    system_prompt: str = "r1"  # r1 | none | paper (the IAPO authors' chat prompt, prepare_data.py --style paper)
     redundancy: float = 0.8  # synthetic: chance that a warm-start trace is verbose at all
     variant: str = "classic"  # synthetic: which redundant segments traces have (tasks/synthetic.py VARIANTS)
-    num_test: int = 64  # test problems for periodic and final evaluation (0: whole split)
+    num_test: int = 64  # problems of the evaluation split used during training (0: whole split)
 
 
 @dataclass
@@ -68,6 +73,14 @@ class TrainConfig:
     micro_batch_size: int = 16
     max_grad_norm: float = 1.0
     loss_agg: str = "token_mean"  # token_mean | seq_mean
+    # Passes over the training prompts: each is train.steps / train.epochs steps over the first
+    # (train.steps / train.epochs) * rollout.prompts_per_step prompts (OpenRLHF: --train.num_episodes).
+    epochs: int = 1
+    # Optimizer and schedule; null: each backend's default (local: torch AdamW betas (0.9, 0.999), a
+    # constant lr, no warmup; OpenRLHF: betas (0.9, 0.95), cosine_with_min_lr, 3 % warmup).
+    adam_betas: list[float] | None = None
+    lr_scheduler: str | None = None  # constant | linear (to 0) | cosine_with_min_lr (to 10 %)
+    lr_warmup_ratio: float | None = None  # share of the optimizer steps spent warming up
 
 
 @dataclass
@@ -159,6 +172,7 @@ class DapoConfig:
 @dataclass
 class RewardConfig:
     scheme: str = "paper"  # paper | correctness | correctness_pm1
+    format: str = "r1"  # r1 (ours) | authors (the IAPO authors' one-line check, rewards/format.py)
 
 
 @dataclass
@@ -214,6 +228,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # Settings applied only when the run's method is the key, e.g. {"gfpo": {"gfpo": {"keep": 6}}}:
+    # merged over the file before --set overrides (which win), see load_config.
+    per_method: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -224,7 +241,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "model.dtype": ("float32", "bfloat16"),
     "data.task": ("synthetic", "jsonl"),
-    "data.system_prompt": ("r1", "none"),
+    "data.system_prompt": ("r1", "none", "paper"),
     "data.variant": ("classic", "neutral"),
     "train.loss_agg": ("token_mean", "seq_mean"),
     "iapo.predict_mode": ("postfix", "next_token"),
@@ -237,6 +254,8 @@ CHOICES = {
     "significance.selection": ("fraction", "threshold"),
     "significance.schedule": ("dynamic", "static"),
     "reward.scheme": ("paper", "correctness", "correctness_pm1"),
+    "reward.format": ("r1", "authors"),
+    "train.lr_scheduler": ("constant", "linear", "cosine_with_min_lr"),
     "cluster.param_dtype": ("bf16", "fp16", "fp32"),
     "cluster.zero_stage": (0, 1, 2, 3),
 }
@@ -252,8 +271,16 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return _coerce(value, args[0], key)
     if origin is list:
         (item,) = typing.get_args(annotation)
-        if isinstance(value, (int, str)) and not isinstance(value, bool):
-            value = [int(v) for v in str(value).split(",")] if isinstance(value, str) else [value]
+        if value is None:
+            return None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            if isinstance(value, str):
+                try:
+                    value = [item(v) for v in value.split(",")]
+                except ValueError:
+                    raise ConfigError(f"{key}: got {value!r}, expected comma-separated {item.__name__}s") from None
+            else:
+                value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{key}: got {value!r}, expected a list like [1, 4, 8]")
         return [_coerce(v, item, key) for v in value]
@@ -314,6 +341,26 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
+def _check_per_method(per_method: Any) -> None:
+    if not isinstance(per_method, dict):
+        raise ConfigError(f"per_method: got {per_method!r}, expected a mapping of method -> settings")
+    for method, settings in per_method.items():
+        if method not in METHODS:
+            raise ConfigError(f"per_method.{method}: unknown method, expected one of {list(METHODS)}")
+        if not isinstance(settings, dict) or "method" in settings or "per_method" in settings:
+            raise ConfigError(f"per_method.{method}: expected a mapping of sections like {{train: {{clip_eps_high: 0.2}}}} "
+                              "(no method / per_method key)")
+
+
+def _merge(base: dict, extra: dict) -> None:
+    """Deep-merge mapping `extra` into `base` (extra wins)."""
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
 def load_config(path: str | None, overrides: list[str] | None = None, *, local_files: bool = True) -> Config:
     """Read YAML (None: defaults), apply `section.key=value` overrides, validate.
 
@@ -332,9 +379,21 @@ def load_config(path: str | None, overrides: list[str] | None = None, *, local_f
                 raise ConfigError(f"--config {path}: not valid YAML (line {line}), fix the syntax") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"--config {path}: expected a mapping of sections at the top level")
+    per_method = raw.pop("per_method", None) or {}
+    _check_per_method(per_method)
+    for override in overrides or []:
+        if override.split("=", 1)[0].strip().split(".")[0] == "per_method":
+            raise ConfigError(f"--set {override}: per_method is set in the file only; set the key itself instead "
+                              "(--set section.key=value applies to this run whatever its method)")
+    probe = copy.deepcopy(raw)
+    for override in overrides or []:
+        _apply_override(probe, override)
+    method = probe.get("method", Config.method)
+    _merge(raw, copy.deepcopy(per_method.get(method, {})))  # the method's settings, then --set over them
     for override in overrides or []:
         _apply_override(raw, override)
     cfg = _build(Config, raw, "")
+    cfg.per_method = per_method
     validate(cfg, local_files=local_files)
     return cfg
 
@@ -344,7 +403,7 @@ def validate(cfg: Config, *, local_files: bool = True) -> None:
     for key, choices in CHOICES.items():
         section, _, name = key.rpartition(".")
         value = getattr(getattr(cfg, section) if section else cfg, name)
-        if value is None and (section in METHOD_SECTIONS or key == "iapo.method"):
+        if value is None and (section in METHOD_SECTIONS or key in ("iapo.method", "train.lr_scheduler")):
             continue  # a knob left out: its default applies
         if value not in choices:
             raise ConfigError(f"{key}: got {value!r}, expected one of {list(choices)}")
@@ -353,6 +412,7 @@ def validate(cfg: Config, *, local_files: bool = True) -> None:
         "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
         "train.steps": cfg.train.steps,
         "train.ppo_epochs": cfg.train.ppo_epochs,
+        "train.epochs": cfg.train.epochs,
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "iapo.probe_stride": cfg.iapo.probe_stride,
         "iapo.mi_horizon": cfg.iapo.mi_horizon,
@@ -407,11 +467,28 @@ def validate(cfg: Config, *, local_files: bool = True) -> None:
         raise ConfigError(f"iapo.mi_decay: got {cfg.iapo.mi_decay}, expected a number in [0, 1]")
     if cfg.iapo.predict_mode == "postfix" and cfg.method in ("iapo", "significance") and not cfg.iapo.postfix:
         raise ConfigError("iapo.postfix: got an empty postfix, expected e.g. '</think><answer>' (or predict_mode=next_token)")
+    if cfg.train.epochs > 1 and cfg.train.steps % cfg.train.epochs:
+        raise ConfigError(f"train.steps: got {cfg.train.steps} with train.epochs {cfg.train.epochs}, expected a multiple "
+                          "of the epochs (each pass over the training prompts is train.steps / train.epochs steps)")
+    betas = cfg.train.adam_betas
+    if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
+        raise ConfigError(f"train.adam_betas: got {betas}, expected two numbers in [0, 1) like [0.9, 0.99]")
+    if cfg.train.lr_warmup_ratio is not None and not 0 <= cfg.train.lr_warmup_ratio < 1:
+        raise ConfigError(f"train.lr_warmup_ratio: got {cfg.train.lr_warmup_ratio}, expected a number in [0, 1)")
+    if cfg.data.system_prompt == "paper" and cfg.data.task != "jsonl":
+        raise ConfigError("data.system_prompt: paper is a prompt file's chat messages, expected data.task=jsonl "
+                          "(files from scripts/prepare_data.py --style paper)")
+    if cfg.data.val_path and cfg.data.test_path and os.path.abspath(cfg.data.val_path) == os.path.abspath(cfg.data.test_path):
+        raise ConfigError(f"data.val_path: {cfg.data.val_path} is the test split; checkpoints are selected on a "
+                          "validation split carved from the training data (scripts/prepare_data.py --holdout), "
+                          "never on test")
     if any(k < 1 for k in cfg.eval.k):
         raise ConfigError(f"eval.k: got {cfg.eval.k}, expected positive integers")
     if cfg.data.task == "jsonl" and local_files:
-        for key in ("train_path", "test_path"):
+        for key in ("train_path", "test_path", "val_path"):
             path = getattr(cfg.data, key)
+            if path is None and key == "val_path":
+                continue
             if path is None:
                 raise ConfigError(f"data.{key}: missing, expected a JSONL file for data.task=jsonl")
             if not os.path.isfile(path):

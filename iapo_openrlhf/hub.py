@@ -159,7 +159,9 @@ def needs(cfg: Any, train_args: list[str] | None = None) -> list[Need]:
     if cfg.model.path:
         argv += ["--actor.model_name_or_path", cfg.model.path]
     if cfg.data.task == "jsonl":
-        for option, value in (("--data.prompt_dataset", cfg.data.train_path), ("--eval.dataset", cfg.data.test_path)):
+        # the evaluations during training read the validation split when there is one (config_args)
+        for option, value in (("--data.prompt_dataset", cfg.data.train_path),
+                              ("--eval.dataset", cfg.data.val_path or cfg.data.test_path)):
             if value:
                 argv += [option, value]
     argv += shlex.split(cfg.cluster.extra_args) + list(train_args or [])
@@ -176,6 +178,8 @@ def needs(cfg: Any, train_args: list[str] | None = None) -> list[Need]:
         value = getattr(known, option)
         if not value:
             continue
+        if option == "--eval.dataset" and cfg.data.val_path:
+            config_key = "data.val_path"
         source = option if (option in explicit or config_key is None) else config_key
         for spec in value.split(","):
             if not spec.strip():

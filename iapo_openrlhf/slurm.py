@@ -47,16 +47,22 @@ from . import hub
 PROG = "iapo-slurm"
 # slurm/ sits beside the package in a checkout (pip install -e); a wheel install puts it under
 # <prefix>/share/iapo-openrlhf (setup.py data_files).
-TEMPLATE = next(
-    (p for p in (Path(__file__).resolve().parent.parent / "slurm" / "job.sbatch.template",
-                 Path(sys.prefix) / "share" / "iapo-openrlhf" / "slurm" / "job.sbatch.template") if p.is_file()),
-    Path(__file__).resolve().parent.parent / "slurm" / "job.sbatch.template",
-)
+def _template(name: str) -> Path:
+    return next((p for p in (Path(__file__).resolve().parent.parent / "slurm" / name,
+                             Path(sys.prefix) / "share" / "iapo-openrlhf" / "slurm" / name) if p.is_file()),
+                Path(__file__).resolve().parent.parent / "slurm" / name)
+
+
+TEMPLATE = _template("job.sbatch.template")
+STEP_TEMPLATE = _template("step.sbatch.template")  # a study's evaluation and table jobs
 DEFAULT_GPUS_PER_NODE = 8
 DEFAULT_RAY_TIMEOUT = 600
-SIGNAL_SECONDS = 120  # SIGTERM this long before the time limit (--signal=B:TERM@120)
+# SIGTERM this long before the time limit (--signal=B:TERM@120): the training then finishes its
+# step and saves a checkpoint (preemption.py); --signal-seconds gives a long step more time.
+SIGNAL_SECONDS = 120
 EXIT_JOB_FAILED = 3  # the job itself failed (Ray did not come up), see the template
 TRAIN_COMMAND = {"ray": "iapo-train-ray", "local": "iapo-train"}
+STUDY_JOB_MARK = "# ==== iapo-slurm study: job"  # --dry-run: the line before each script
 # [days-]hours:minutes:seconds and the other forms sbatch --time accepts.
 TIME_RE = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)$")
 # #SBATCH values are not parsed by a shell: keep them to characters that need no quoting.
@@ -67,6 +73,12 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 IFNAME_ENV = ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME")
 # Set by the job itself: --env may not override them.
 RESERVED_ENV = ("PATH", "RAY_ADDRESS", "IAPO_JOB_ENV")
+
+
+def _quote(arg: str) -> str:
+    """shlex.quote, and quotes around a comma too (shellcheck reads a bare comma in an array as a typo)."""
+    quoted = shlex.quote(arg)
+    return f"'{arg}'" if quoted == arg and "," in arg else quoted
 
 
 class UsageError(Exception):
@@ -120,7 +132,11 @@ def _submit_parser() -> _Parser:
                    "--backend local: 1)")
     p.add_argument("--partition", help="SLURM partition")
     p.add_argument("--account", help="SLURM account")
-    p.add_argument("--time", help="time limit, e.g. 2-00:00:00; SIGTERM arrives 120 s before it and the job requeues")
+    p.add_argument("--time", help="time limit, e.g. 2-00:00:00; SIGTERM arrives --signal-seconds before it, the "
+                   "training finishes its step, saves and exits 143, and the job requeues")
+    p.add_argument("--signal-seconds", type=int, default=SIGNAL_SECONDS, metavar="N",
+                   help=f"send SIGTERM N seconds before the time limit (--signal=B:TERM@N; default {SIGNAL_SECONDS}): "
+                   "enough for a step, a checkpoint save and Ray's shutdown")
     p.add_argument("--gpus-per-node", type=int,
                    help=f"GPUs per node (default: cluster.gpus_per_node of the config, else {DEFAULT_GPUS_PER_NODE}; "
                    "--backend local: 1, or 0 with device: cpu; 0 for a CPU-only job)")
@@ -215,6 +231,8 @@ def build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                     f"{flag} {value}: the config's cluster.{key} is {cluster[key]} and sets the Ray layout; "
                     f"pass --set cluster.{key}={value} (and adjust cluster.vllm_engines) or {flag} {cluster[key]}"
                 )
+    if not 1 <= args.signal_seconds <= 65535:  # sbatch's limit for --signal's offset
+        raise UsageError(f"--signal-seconds {args.signal_seconds}: expected 1 to 65535 (sbatch --signal's range)")
     if args.time is not None and not TIME_RE.match(args.time):
         raise UsageError(f"--time {args.time}: expected minutes, HH:MM:SS or D-HH:MM:SS (sbatch --time)")
     for name in ("partition", "account", "job_name"):
@@ -270,7 +288,7 @@ def build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         sbatch.append(f"--account={args.account}")
     sbatch += [
         "--requeue",
-        f"--signal=B:TERM@{SIGNAL_SECONDS}",
+        f"--signal=B:TERM@{args.signal_seconds}",
         "--open-mode=append",
         f"--chdir={workdir}",
         f"--output={log_dir}/%x-%j.log",
@@ -324,7 +342,7 @@ def build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         "LOG_DIR": shlex.quote(str(log_dir)),
         "RAY_TIMEOUT": str(args.ray_timeout),
         "RAY_STOP_ALL": "1" if exclusive else "0",
-        "TRAIN_CMD": " ".join(shlex.quote(a) for a in train),
+        "TRAIN_CMD": " ".join(_quote(a) for a in train),
         "RUN_LABEL": "preflight" if args.preflight else "training",
         "IFNAME": shlex.quote(args.ifname or ""),
         "JOB_ENV": " ".join(shlex.quote(f"{key}={value}") for key, value in job_env.items()),
@@ -336,7 +354,7 @@ def build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     except (KeyError, ValueError) as e:
         raise UsageError(f"--template {template}: bad placeholder {e} (known: {', '.join(sorted(values))})") from None
     return script, {"job_name": job_name, "log_dir": log_dir, "config": config, "workdir": workdir,
-                    "job_env": job_env}
+                    "job_env": job_env, "cfg": cfg}
 
 
 def _job_env(args: argparse.Namespace, cache_dir: Path) -> dict[str, str]:
@@ -380,12 +398,30 @@ def _check_ray_config(args: argparse.Namespace, env: dict[str, str]) -> None:
         raise UsageError(f"iapo-train-ray --dry-run refused the config: {reason}")
 
 
+def _sbatch(cmd: list[str]) -> tuple[subprocess.Popen, str | None, str]:
+    """Start `sbatch --parsable ...`; (process, job id, "") once it printed the id (with --wait it
+    runs on until the job ends), or (ended process, None, sbatch's last error line)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job_id = proc.stdout.readline().strip().split(";")[0]
+    if job_id.isdigit():
+        return proc, job_id, ""
+    proc.wait()
+    errors = [line for line in proc.stderr.read().splitlines() if line.strip()]
+    return proc, None, errors[-1] if errors else f"exit code {proc.returncode}"
+
+
+def _which_sbatch(dry_run: bool, what: str) -> str | None:
+    """sbatch's path; a missing sbatch is an error unless nothing is to be submitted."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None and not dry_run:
+        raise UsageError(f"sbatch not found on PATH: run on a SLURM login node (or use --dry-run to see {what})")
+    return sbatch
+
+
 def submit(argv: list[str]) -> int:
     args = _submit_parser().parse_args(argv)
     script, facts = build(args)
-    sbatch = shutil.which("sbatch")
-    if sbatch is None and not args.dry_run:
-        raise UsageError("sbatch not found on PATH: run on a SLURM login node (or use --dry-run to see the script)")
+    sbatch = _which_sbatch(args.dry_run, "the script")
     if args.backend == "ray" and args.check:
         _check_ray_config(args, facts["job_env"])
     if args.dry_run:
@@ -400,14 +436,9 @@ def submit(argv: list[str]) -> int:
     path = log_dir / f"{facts['job_name']}-submitted-{stamp}-{os.getpid()}.sbatch"
     path.write_text(script, encoding="utf-8")
     cmd = [sbatch, "--parsable", *(["--wait"] if args.wait else []), str(path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = proc.stdout.readline().strip()
-    job_id = first.split(";")[0]
-    if not job_id.isdigit():
-        proc.wait()
+    proc, job_id, reason = _sbatch(cmd)
+    if job_id is None:
         path.unlink(missing_ok=True)
-        errors = [line for line in proc.stderr.read().splitlines() if line.strip()]
-        reason = errors[-1] if errors else f"exit code {proc.returncode}"
         raise UsageError(f"sbatch refused the job: {reason}")
     script_path = path.with_name(f"{facts['job_name']}-{job_id}.sbatch")
     path.replace(script_path)
@@ -421,6 +452,274 @@ def submit(argv: list[str]) -> int:
         if line.strip():
             print(line, file=sys.stderr)
     print(f"{PROG}: job {job_id} finished with exit code {code}; log: {log}", flush=True)
+    return code
+
+
+# -- study (on the login node) ----------------------------------------------------------------------
+
+def _study_parser() -> _Parser:
+    """submit's options (they shape every training job) plus the study's own."""
+    p = _submit_parser()
+    p.prog = f"{PROG} study"
+    p.description = ("Submit a whole study: one training job per method x seed (as `submit` would), an evaluation "
+                     "job per run once its training succeeded (sbatch --dependency=afterok; iapo-eval --run: the "
+                     "checkpoint chosen on the validation split, then the test protocol), and a final job that "
+                     "collects every run into the paper's table (mean +- std over seeds; a failed run is listed as "
+                     "failed). The study's layout: iapo_openrlhf/study.py; README 'Reproducing the paper'.")
+    from .study import PAPER_METHODS
+
+    p.add_argument("--methods", default=",".join(PAPER_METHODS),
+                   help=f"methods, comma separated (default: the paper's table, {','.join(PAPER_METHODS)})")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="training seeds per method: the config's seed, +1, +2, ... (default 3)")
+    p.add_argument("--out", metavar="DIR", help="the study directory (default: the config's output.dir)")
+    p.add_argument("--k", default="16,32", help="the table's k values (default 16,32, the paper's)")
+    p.add_argument("--eval-arg", action="append", default=[], metavar="OPTION",
+                   help="an option for every run's iapo-eval, e.g. --eval-arg=--timing=batched (repeatable)")
+    p.add_argument("--eval-gpus", type=int, help="GPUs of each evaluation job (default 1; --backend local: the "
+                   "training's --gpus-per-node)")
+    p.add_argument("--eval-cpus", type=int, help="CPUs of each evaluation job (default: the cluster's)")
+    p.add_argument("--eval-time", help="time limit of each evaluation job (default: the partition's)")
+    p.add_argument("--collect-time", default="0:30:00", help="time limit of the table job (default 0:30:00)")
+    study_help = {"wait": "wait for the table job (sbatch --wait), i.e. the whole study, and exit with its exit code",
+                  "dry_run": "print every job's script and sbatch line, submit nothing",
+                  "template": "the training jobs' sbatch template (default: slurm/job.sbatch.template)"}
+    for action in p._actions:  # submit's options, as they read for a study
+        action.help = study_help.get(action.dest, action.help)
+    return p
+
+
+def _check_eval_args(options: list[str], ks: list[int]) -> None:
+    """iapo-eval options the study passes on: parsed here, so that a bad one fails before submission."""
+    from .cli import eval as eval_cli
+
+    owned = ("--model", "--run", "--config", "--set", "--name", "--out", "--data", "--val")
+    for option in options:
+        if not option.startswith("-"):
+            raise UsageError(f"--eval-arg {option!r}: expected one iapo-eval option like --eval-arg=--timing=batched")
+        if option.split("=", 1)[0] in owned:
+            raise UsageError(f"--eval-arg {option}: set by the study for each run (the run, its config and "
+                             "overrides, the data files of the config), expected another iapo-eval option")
+    parser = eval_cli.build_parser()
+    parser.exit_on_error = False
+    try:
+        parsed = parser.parse_args(["--model", ".", "--data", "synthetic", *options])
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise UsageError(f"--eval-arg {' '.join(options)}: iapo-eval refuses it ({e})") from None
+    try:
+        evaluated = eval_cli.protocol_ks(parsed)
+    except Exception as e:  # ConfigError: one line already
+        raise UsageError(f"--eval-arg: {e}") from None
+    missing = sorted(set(ks) - set(evaluated))
+    if missing:
+        raise UsageError(f"--k {','.join(map(str, ks))}: iapo-eval evaluates k = {','.join(map(str, evaluated))} with "
+                         f"these --eval-arg options, expected the table's k among them (or --k {max(evaluated)})")
+
+
+def _step_script(template: Path, *, sbatch: list[str], scripts: Path, workdir: Path, command: list[str], label: str,
+                 job_env: dict[str, str]) -> str:
+    values = {
+        "SBATCH_LINES": "\n".join(f"#SBATCH {line}" for line in sbatch),
+        "SCRIPTS_DIR": shlex.quote(str(scripts)),
+        "WORKDIR": shlex.quote(str(workdir)),
+        "STEP_CMD": " ".join(_quote(a) for a in command),
+        "RUN_LABEL": shlex.quote(label),
+        "JOB_ENV": " ".join(shlex.quote(f"{key}={value}") for key, value in job_env.items()),
+    }
+    try:
+        return _Template(template.read_text(encoding="utf-8")).substitute(values)
+    except (KeyError, ValueError) as e:
+        raise UsageError(f"{template}: bad placeholder {e} (known: {', '.join(sorted(values))})") from None
+
+
+def build_study(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Every job of the study, checked: [{"name", "kind", "script", "depends": [names], "run"}], manifest."""
+    import copy
+
+    from .config import METHODS
+    from .study import format_estimate, plan
+
+    if args.preflight:
+        raise UsageError("--preflight: a study runs training jobs; check the cluster with `iapo-slurm submit "
+                         "--preflight` first")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown:
+        raise UsageError(f"--methods {args.methods}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'}, "
+                         f"expected names from {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise UsageError(f"--methods {args.methods}: a method twice, expected each once")
+    _positive("--seeds", args.seeds)
+    _positive("--eval-cpus", args.eval_cpus)
+    _positive("--eval-gpus", args.eval_gpus, 0)
+    for override in args.set:
+        key = override.split("=", 1)[0].strip()
+        if key in ("method", "seed", "output.dir"):
+            raise UsageError(f"--set {override}: set for each run by the study (--methods, --seeds, --out), expected "
+                             "another key")
+    for flag, value in (("--eval-time", args.eval_time), ("--collect-time", args.collect_time)):
+        if value is not None and not TIME_RE.match(value):
+            raise UsageError(f"{flag} {value}: expected minutes, HH:MM:SS or D-HH:MM:SS (sbatch --time)")
+    try:
+        ks = sorted({int(k) for k in args.k.split(",")})
+        if min(ks) < 1:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--k {args.k}: expected positive integers, comma separated, like 16,32") from None
+    _check_eval_args(args.eval_arg, ks)
+    config = Path(args.config)
+    if not config.is_file():
+        raise UsageError(f"--config {args.config}: no such file, expected a YAML config (see configs/paper/)")
+    output_dir, cluster, device, cfg = _read_config(str(config), args.set, args.backend)
+    workdir = Path.cwd().resolve()
+    study_dir = Path(args.out) if args.out else Path(output_dir)
+    study_dir = (study_dir if study_dir.is_absolute() else workdir / study_dir).resolve()
+    _safe("--out", str(study_dir))
+    log_dir = Path(args.log_dir).resolve() if args.log_dir else study_dir / "logs"
+    prefix = args.job_name or "iapo-" + re.sub(r"[^A-Za-z0-9_.-]", "-", config.stem)
+    _safe("--job-name", prefix)
+    seeds = [cfg.seed + i for i in range(args.seeds)]
+    runs = plan(study_dir, methods, seeds)
+    scripts = _scripts_dir()
+    if not (scripts / "iapo-eval").exists():
+        raise UsageError(f"iapo-eval not found in {scripts} (the jobs run this environment): pip install -e .")
+    jobs: list[dict] = []
+    manifest: dict = {"config": str(config.resolve()), "sets": list(args.set), "backend": args.backend,
+                      "methods": methods, "seeds": seeds, "ks": ks, "study_dir": str(study_dir), "runs": []}
+    checked: set[str] = set()
+    run_configs = []  # each run's resolved config (method and seed set): the estimate sums them
+    for run in runs:
+        run_sets = [*args.set, f"method={run.method}", f"seed={run.seed}", f"output.dir={run.dir}"]
+        run_args = copy.copy(args)
+        run_args.set, run_args.job_name, run_args.log_dir = run_sets, f"{prefix}-{run.name}", str(log_dir)
+        run_args.wait = False
+        script, facts = build(run_args)
+        if args.backend == "ray" and args.check and run.method not in checked:  # OpenRLHF's checks, once a method
+            _check_ray_config(run_args, facts["job_env"])
+            checked.add(run.method)
+        job_env = facts["job_env"]
+        run_configs.append(facts["cfg"])
+        eval_gpus = args.eval_gpus if args.eval_gpus is not None else (
+            1 if args.backend == "ray" else _defaults(args, cluster, device)[1])
+        sbatch = [f"--job-name={prefix}-eval-{run.name}", "--nodes=1", "--ntasks-per-node=1"]
+        sbatch += [f"--gpus-per-node={eval_gpus}"] if eval_gpus else []
+        sbatch += [f"--cpus-per-task={args.eval_cpus}"] if args.eval_cpus else []
+        sbatch += [f"--time={args.eval_time}"] if args.eval_time else []
+        sbatch += [f"--partition={args.partition}"] if args.partition else []
+        sbatch += [f"--account={args.account}"] if args.account else []
+        sbatch += [f"--signal=B:TERM@{SIGNAL_SECONDS}", "--open-mode=append", f"--chdir={workdir}",
+                   f"--output={log_dir}/%x-%j.log", f"--error={log_dir}/%x-%j.log", *args.sbatch]
+        command = [str(scripts / "iapo-eval"), "--run", str(run.dir), "--config", str(config.resolve())]
+        for override in run_sets:
+            command += ["--set", override]
+        command += ["--name", run.name, "--out", str(run.dir / "eval"), *args.eval_arg]
+        eval_script = _step_script(STEP_TEMPLATE, sbatch=sbatch, scripts=scripts, workdir=workdir, command=command,
+                                   label=f"evaluation of {run.name}", job_env=job_env)
+        jobs.append({"name": f"train-{run.name}", "kind": "training", "script": script, "depends": [], "run": run.name,
+                     "label": f"training {run.method} seed {run.seed}"})
+        jobs.append({"name": f"eval-{run.name}", "kind": "evaluation", "script": eval_script,
+                     "depends": [f"train-{run.name}"], "run": run.name,
+                     "label": f"evaluation of {run.method} seed {run.seed} (after its training succeeded)"})
+        manifest["runs"].append({"name": run.name, "method": run.method, "seed": run.seed, "dir": str(run.dir),
+                                 "train_log": f"{log_dir}/{prefix}-{run.name}-<job>.log",
+                                 "eval_log": f"{log_dir}/{prefix}-eval-{run.name}-<job>.log"})
+    sbatch = [f"--job-name={prefix}-table", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1",
+              f"--time={args.collect_time}"]
+    sbatch += [f"--partition={args.partition}"] if args.partition else []
+    sbatch += [f"--account={args.account}"] if args.account else []
+    sbatch += ["--open-mode=append", f"--chdir={workdir}", f"--output={log_dir}/%x-%j.log",
+               f"--error={log_dir}/%x-%j.log", *args.sbatch]
+    command = [sys.executable, "-m", "iapo_openrlhf.eval.collect", "--study", str(study_dir),
+               "--k", ",".join(map(str, ks))]
+    table = _step_script(STEP_TEMPLATE, sbatch=sbatch, scripts=scripts, workdir=workdir, command=command,
+                         label="table of the study", job_env=job_env)
+    jobs.append({"name": "table", "kind": "table", "script": table, "depends": [j["name"] for j in jobs], "run": None,
+                 "label": "the table of every run (after all of them ended, whatever their outcome)"})
+    manifest["estimate"] = format_estimate(run_configs)
+    manifest["log_dir"] = str(log_dir)
+    manifest["prefix"] = prefix
+    return jobs, manifest
+
+
+def _dependency(job: dict, ids: dict[str, str]) -> list[str]:
+    """sbatch options: an evaluation waits for its training to succeed (and is dropped when it fails);
+    the table waits for every job to end, whatever the outcome."""
+    if not job["depends"]:
+        return []
+    if job["kind"] == "evaluation":
+        return [f"--dependency=afterok:{':'.join(ids[d] for d in job['depends'])}", "--kill-on-invalid-dep=yes"]
+    return [f"--dependency=afterany:{':'.join(ids[d] for d in job['depends'])}"]
+
+
+def study(argv: list[str]) -> int:
+    args = _study_parser().parse_args(argv)
+    jobs, manifest = build_study(args)
+    sbatch = _which_sbatch(args.dry_run, "the scripts")
+    if args.dry_run:
+        print(f"# iapo-slurm study: {len(manifest['runs'])} runs ({', '.join(manifest['methods'])} x seeds "
+              f"{', '.join(map(str, manifest['seeds']))}) of {manifest['config']} in {manifest['study_dir']}: "
+              f"{len(jobs)} jobs, nothing submitted (--dry-run)")
+        print(f"# {manifest['estimate']}")
+        symbolic = {j["name"]: f"<job id of {j['name']}>" for j in jobs}
+        for i, job in enumerate(jobs, 1):
+            print(f"{STUDY_JOB_MARK} {i} of {len(jobs)}: {job['label']} ====")
+            print("# sbatch --parsable " + " ".join([*_dependency(job, symbolic), f"<{job['name']}.sbatch>"]))
+            sys.stdout.write(job["script"])
+        return 0
+    study_dir = Path(manifest["study_dir"])
+    script_dir = study_dir / "scripts"
+    try:
+        for d in (script_dir, Path(manifest["log_dir"])):
+            d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {study_dir}: cannot create its directories ({e.strerror})") from None
+    from .study import STUDY_FILE, TABLE_DIR
+
+    ids: dict[str, str] = {}
+    runs = {r["name"]: r for r in manifest["runs"]}
+
+    def save_manifest() -> None:
+        (study_dir / STUDY_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+
+    save_manifest()
+    collect_proc = None
+    for job in jobs:
+        path = script_dir / f"{job['name']}.sbatch"
+        path.write_text(job["script"], encoding="utf-8")
+        wait = args.wait and job["kind"] == "table"
+        cmd = [sbatch, "--parsable", *(["--wait"] if wait else []), *_dependency(job, ids), str(path)]
+        proc, job_id, reason = _sbatch(cmd)
+        if job_id is None:
+            cancelled = ""
+            if ids and shutil.which("scancel"):
+                subprocess.run(["scancel", *ids.values()], capture_output=True)
+                cancelled = f"; cancelled the {len(ids)} job(s) already submitted"
+            raise UsageError(f"sbatch refused the {job['label']}: {reason}{cancelled}")
+        ids[job["name"]] = job_id
+        if job["run"]:
+            key = "train_job" if job["kind"] == "training" else "eval_job"
+            runs[job["run"]][key] = job_id
+            prefix = manifest["prefix"] + ("-" if job["kind"] == "training" else "-eval-")
+            runs[job["run"]][key.replace("job", "log")] = str(Path(manifest["log_dir"]) / f"{prefix}{job['run']}-{job_id}.log")
+        else:
+            manifest["table_job"] = job_id
+        save_manifest()
+        print(f"{PROG}: submitted job {job_id}: {job['label']}", flush=True)
+        if wait:
+            collect_proc = proc
+        else:
+            proc.wait()
+    table = study_dir / TABLE_DIR
+    print(f"{PROG}: study of {len(runs)} runs submitted ({len(ids)} jobs); manifest {study_dir / STUDY_FILE}; the table "
+          f"will be in {table} (metrics.md)", flush=True)
+    if collect_proc is None:
+        return 0
+    code = collect_proc.wait()
+    for line in collect_proc.stderr.read().splitlines():
+        if line.strip():
+            print(line, file=sys.stderr)
+    print(f"{PROG}: table job {manifest['table_job']} finished with exit code {code}; table: {table / 'metrics.md'}",
+          flush=True)
     return code
 
 
@@ -859,16 +1158,20 @@ def probe(argv: list[str]) -> int:
 # -- entry point -------------------------------------------------------------------------------
 
 USAGE = f"usage: {PROG} submit --config FILE [--nodes N] [options] [-- TRAINING_ARGS]   ({PROG} submit --help)"
+STUDY_USAGE = (f"       {PROG} study --config FILE --methods grpo,dapo,gfpo,gtpo,sgrpo,iapo --seeds 3 [options]   "
+               f"({PROG} study --help)")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
+        print(STUDY_USAGE)
         print(f"       {PROG} prefetch --config FILE [--cache-dir DIR] [-- TRAINING_ARGS]   ({PROG} prefetch --help)")
         print(f"       {PROG} wait-ray | node-ip | probe ...   (used inside the job)")
         return 0
-    commands = {"submit": submit, "prefetch": prefetch, "wait-ray": wait_ray, "node-ip": node_ip, "probe": probe}
+    commands = {"submit": submit, "study": study, "prefetch": prefetch, "wait-ray": wait_ray, "node-ip": node_ip,
+                "probe": probe}
     try:
         if not argv:
             raise UsageError(f"expected a command: {PROG} submit --config FILE ... ({PROG} submit --help)")

@@ -23,13 +23,26 @@ Output, one JSON object per line:
     {"prompt": ..., "question": <problem text>, "answer": <gold label>, "datasource": <dataset>}
 "prompt" is the R1 system prompt plus the question: by default one string built by
 `iapo_openrlhf.data.r1_prompt` (ends with "Assistant: <think>", for models without a chat template);
-with --chat-template a [system, user] message list for the model's own template. Use with OpenRLHF:
+with --chat-template a [system, user] message list for the model's own template; with --style paper
+the IAPO authors' prompt as chat messages: their R1-style system prompt plus the dataset's task
+instruction ("The answer must be a single integer." for gsm8k and dapo), a one-shot exchange
+("What is 2+2?"), then the question (`iapo_openrlhf.data.paper_messages`; configs/paper/ read it
+with data.system_prompt: paper). Use with OpenRLHF:
     --data.prompt_dataset OUT --data.input_key prompt --data.label_key answer [--data.apply_chat_template]
 (with --chat-template the last flag is required; without it, it must be left out). The local backend
 reads the same file with its default keys (data.input_key question, data.label_key answer).
 
-Errors (missing file, unknown dataset, split the dataset lacks, a row without a required field) are
-one line on stderr and exit status 2. Rows with an empty question or label, or a GSM8K answer without
+Held-out splits (--holdout SIZE:FILE, repeatable): SIZE rows (an integer, or a fraction such as 0.2
+of the usable rows) go to FILE instead of --out. The usable rows are shuffled with Python's
+random.Random(--holdout-seed, default 42) and each holdout takes the last SIZE rows of that order
+that are left, in the order given; every file keeps the input's row order. So the authors' 80/20
+split (the last 20 % of the shuffled rows held out) is `--holdout 0.2:test.jsonl`, and a validation
+split carved from the training rows for checkpoint selection (README, "Reproducing the paper") is a
+second holdout: `--holdout 0.2:test.jsonl --holdout 50:val.jsonl --out train.jsonl`.
+--limit N uses the first N usable rows (the authors train on the first 7,000 DAPO-Math-17k rows).
+
+Errors (missing file, unknown dataset, split the dataset lacks, a row without a required field, a
+bad holdout) are one line on stderr and exit status 2. Rows with an empty question or label, or a GSM8K answer without
 "####", or a repeated question are skipped and counted in the summary.
 """
 
@@ -38,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import sys
 from collections import Counter
@@ -45,7 +59,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from iapo_openrlhf.data import r1_prompt
+from iapo_openrlhf.data import paper_messages, r1_prompt
 from iapo_openrlhf.rewards import R1_SYSTEM_PROMPT
 
 INPUT_KEY, QUESTION_KEY, LABEL_KEY, SOURCE_KEY = "prompt", "question", "answer", "datasource"
@@ -215,46 +229,92 @@ def read_rows(source: str, spec: Spec, split: str) -> Iterator[tuple[str, dict]]
 # ── writing ──
 
 
-def make_prompt(question: str, chat: bool):
+def make_prompt(question: str, chat: bool, style: str = "r1", dataset: str = "gsm8k"):
+    if style == "paper":
+        return paper_messages(question, dataset)
     if chat:
         return [{"role": "system", "content": R1_SYSTEM_PROMPT}, {"role": "user", "content": question}]
     return r1_prompt(question, R1_SYSTEM_PROMPT)
 
 
-def prepare(dataset: str, source: str, split: str, out: Path, *, chat: bool, limit: int | None,
-            keep_duplicates: bool) -> tuple[int, Counter]:
-    """Write the prompt file; return (rows written, skip reasons). Atomic: no partial file on error."""
-    spec = DATASETS[dataset]
-    skipped: Counter = Counter()
-    seen: set[str] = set()
-    written = 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+def parse_holdout(text: str) -> tuple[float, Path]:
+    """'500:val.jsonl' -> (500, Path), '0.2:test.jsonl' -> (0.2, Path)."""
+    size, sep, path = text.partition(":")
+    try:
+        value = float(size) if "." in size else int(size)
+    except ValueError:
+        value = None
+    if not sep or not path or value is None or value <= 0 or (isinstance(value, float) and value >= 1):
+        raise DataError(f"--holdout {text}: expected SIZE:FILE with SIZE a row count (500) or a fraction in (0, 1) "
+                        "(0.2), e.g. --holdout 0.2:data/test.jsonl")
+    return value, Path(path)
+
+
+def _holdout_sizes(holdouts: list[tuple[float, Path]], n: int) -> list[int]:
+    sizes = []
+    for value, path in holdouts:
+        sizes.append(value if isinstance(value, int) else n - int(n * (1 - value)))  # int(0.8 * n) rows stay
+    if sum(sizes) >= n:
+        raise DataError(f"--holdout: {sum(sizes)} held-out rows of {n} usable ones leave none for --out, "
+                        "expected smaller holdouts")
+    return sizes
+
+
+def _write(path: Path, records: list[dict]) -> None:
+    """Atomically: no partial file on error."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            for where, row in read_rows(source, spec, split):
-                try:
-                    question, label = spec.convert(row, where)
-                    key = " ".join(question.split())
-                    if not keep_duplicates and key in seen:
-                        raise Skip("duplicate question")
-                except Skip as reason:
-                    skipped[str(reason)] += 1
-                    continue
-                seen.add(key)
-                record = {INPUT_KEY: make_prompt(question, chat), QUESTION_KEY: question, LABEL_KEY: label,
-                          SOURCE_KEY: dataset}
+            for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                written += 1
-                if limit is not None and written >= limit:
-                    break
-        if written == 0:
-            raise DataError(f"{source}: no usable rows ({_reasons(skipped) or 'the input is empty'})")
-        os.replace(tmp, out)
+        os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return written, skipped
+
+
+def prepare(dataset: str, source: str, split: str, out: Path, *, chat: bool, limit: int | None,
+            keep_duplicates: bool, style: str = "r1", holdouts: list[tuple[float, Path]] | None = None,
+            holdout_seed: int = 42) -> tuple[int, Counter, list[int]]:
+    """Write the prompt file (and the holdouts); return (rows in --out, skip reasons, holdout sizes)."""
+    spec = DATASETS[dataset]
+    skipped: Counter = Counter()
+    seen: set[str] = set()
+    records: list[dict] = []
+    holdouts = holdouts or []
+    paths = [out.resolve(), *(p.resolve() for _, p in holdouts)]
+    if len(set(paths)) != len(paths):
+        raise DataError("--holdout: every holdout FILE must differ from --out and from the other holdouts")
+    for where, row in read_rows(source, spec, split):
+        try:
+            question, label = spec.convert(row, where)
+            key = " ".join(question.split())
+            if not keep_duplicates and key in seen:
+                raise Skip("duplicate question")
+        except Skip as reason:
+            skipped[str(reason)] += 1
+            continue
+        seen.add(key)
+        records.append({INPUT_KEY: make_prompt(question, chat, style, dataset), QUESTION_KEY: question,
+                        LABEL_KEY: label, SOURCE_KEY: dataset})
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise DataError(f"{source}: no usable rows ({_reasons(skipped) or 'the input is empty'})")
+    sizes = _holdout_sizes(holdouts, len(records))
+    order = list(range(len(records)))
+    random.Random(holdout_seed).shuffle(order)
+    held: list[list[int]] = []
+    end = len(order)
+    for size in sizes:
+        held.append(sorted(order[end - size : end]))
+        end -= size
+    kept = sorted(order[:end])
+    _write(out, [records[i] for i in kept])
+    for (_, path), rows in zip(holdouts, held):
+        _write(path, [records[i] for i in rows])
+    return len(kept), skipped, sizes
 
 
 def _reasons(skipped: Counter) -> str:
@@ -271,11 +331,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the dataset's hub name)")
     parser.add_argument("--split", help="train or test (default: train for gsm8k and dapo, test for math500)")
     parser.add_argument("--out", help="output JSONL (default: DATASET_SPLIT[_chat].jsonl)")
-    parser.add_argument("--limit", type=int, help="write at most this many rows")
+    parser.add_argument("--limit", type=int, help="use the first N usable rows (before any --holdout)")
     parser.add_argument("--chat-template", action="store_true",
                         help="emit a [system, user] message list for --data.apply_chat_template "
                         "instead of a plain string")
     parser.add_argument("--keep-duplicates", action="store_true", help="keep repeated questions (dropped by default)")
+    parser.add_argument("--style", choices=("r1", "paper"), default="r1",
+                        help="r1: our R1 system prompt (default); paper: the IAPO authors' prompt as chat messages "
+                        "(system prompt + task instruction, a one-shot example, the question) for configs/paper/")
+    parser.add_argument("--holdout", action="append", default=[], metavar="SIZE:FILE",
+                        help="hold SIZE rows (a count, or a fraction like 0.2) out of --out into FILE; repeatable, "
+                        "each carved from the rows left (a test split, then a validation split)")
+    parser.add_argument("--holdout-seed", type=int, default=42, help="seed of the shuffle the holdouts are drawn "
+                        "from (default 42)")
     return parser
 
 
@@ -290,17 +358,22 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError(f"{args.dataset} has no '{split}' split: it is {spec.role} (use --split {spec.splits[0]})")
         if args.limit is not None and args.limit < 1:
             raise DataError(f"--limit: got {args.limit}, expected a positive number of rows")
-        out = Path(args.out or f"{args.dataset}_{split}{'_chat' if args.chat_template else ''}.jsonl")
-        written, skipped = prepare(args.dataset, args.input or spec.hub, split, out, chat=args.chat_template,
-                                   limit=args.limit, keep_duplicates=args.keep_duplicates)
+        chat = args.chat_template or args.style == "paper"
+        out = Path(args.out or f"{args.dataset}_{split}{'_paper' if args.style == 'paper' else '_chat' if chat else ''}.jsonl")
+        holdouts = [parse_holdout(h) for h in args.holdout]
+        written, skipped, sizes = prepare(args.dataset, args.input or spec.hub, split, out, chat=chat,
+                                          limit=args.limit, keep_duplicates=args.keep_duplicates, style=args.style,
+                                          holdouts=holdouts, holdout_seed=args.holdout_seed)
     except DataError as exc:
         print(f"prepare_data.py: error: {exc}", file=sys.stderr)
         return 2
     path = out.resolve()
-    layout = "chat messages" if args.chat_template else "plain prompts"
+    layout = "the authors' chat prompt" if args.style == "paper" else "chat messages" if chat else "plain prompts"
     print(f"{args.dataset} {split}: wrote {written} rows to {path} ({layout})")
+    for (_, held_path), size in zip(holdouts, sizes):
+        print(f"held out {size} rows to {held_path.resolve()} (seed {args.holdout_seed})")
     print(f"skipped {sum(skipped.values())} rows" + (f": {_reasons(skipped)}" if skipped else ""))
-    chat_flag = " --data.apply_chat_template" if args.chat_template else ""
+    chat_flag = " --data.apply_chat_template" if chat else ""
     data_flag = "--eval.dataset" if split == "test" else "--data.prompt_dataset"
     print(f"OpenRLHF: {data_flag} {path} --data.input_key {INPUT_KEY} --data.label_key {LABEL_KEY}{chat_flag}")
     return 0

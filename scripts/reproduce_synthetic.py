@@ -143,7 +143,7 @@ def iapo_eval(model_dir: Path, out_dir: Path, name: str, n_problems: int, max_ne
 
     argv = ["--model", str(model_dir), "--data", "synthetic", "--k", ",".join(map(str, KS)),
             "--num", str(n_problems), "--seed", str(EVAL_SEED), "--max-new-tokens", str(max_new_tokens),
-            "--name", name, "--out", str(out_dir)]
+            "--name", name, "--backend", "hf", "--out", str(out_dir)]
     out_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(io.StringIO()):

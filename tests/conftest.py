@@ -50,3 +50,14 @@ def qwen():
 @pytest.fixture(scope="session")
 def llama():
     return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def ray_cpu_inputs(tmp_path_factory):
+    """GSM8K prompts and the tiny model of configs/ray_tiny.yaml for the real `iapo-train-ray --cpu`
+    runs (tests/ray_cpu.py), made once for the session's test modules that run it."""
+    from ray_cpu import GSM8K, prepare_inputs
+
+    if not (GSM8K / "train.jsonl").exists():
+        pytest.skip("../shared/data/gsm8k not beside the checkout")
+    return prepare_inputs(tmp_path_factory.mktemp("ray_cpu"))

@@ -88,7 +88,7 @@ def test_two_steps_synthetic_then_eval_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| before RL |" in out and "| after RL |" in out
     rc = eval_main(["--model", str(tmp_path / "final"), "--data", "synthetic", "--k", "1,2", "--num", "3",
-                    "--max-new-tokens", "16", "--out", str(tmp_path / "eval")])
+                    "--max-new-tokens", "16", "--backend", "hf", "--out", str(tmp_path / "eval")])
     assert rc == 0
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())["methods"]["final"]
     assert result["num_problems"] == 3 and 0 <= result["P@2"] <= 1

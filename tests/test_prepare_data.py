@@ -280,3 +280,83 @@ def test_command_line(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "prepare_data.py: error: unknown dataset 'nope', expected one of gsm8k, math500, dapo"
     ]
+
+
+# ── the authors' prompt (--style paper) and held-out splits (--holdout) ──
+
+@needs_gsm8k
+def test_paper_style_is_the_authors_prompt_and_openrlhf_renders_it(tmp_path, capsys, monkeypatch):
+    from iapo_openrlhf.data import PAPER_SYSTEM_PROMPT, paper_messages
+
+    out = tmp_path / "paper.jsonl"
+    code, stdout, _ = run(["gsm8k", "--input", GSM8K_TEST, "--split", "test", "--limit", 2, "--style", "paper",
+                           "--out", out], capsys)
+    assert code == 0 and "(the authors' chat prompt)" in stdout and "--data.apply_chat_template" in stdout
+    rows, sources = read(out), source_rows(2)
+    system = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it.\n"
+              "    The assistant first thinks about the reasoning process in the mind and then provides the user\n"
+              "    with the answer. The reasoning process and answer are enclosed within <think> and\n"
+              "    <answer> tags, respectively, i.e., <think> reasoning process here </think>\n"
+              "    <answer> answer here </answer>.\nThe answer must be a single integer.")
+    assert rows[0]["prompt"] == [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant",
+         "content": "<think>To calculate 2+2, we simply add the numbers together: 2 + 2 = 4.</think>\n<answer>4</answer>"},
+        {"role": "user", "content": sources[0]["question"].strip()},
+    ]
+    assert paper_messages("q", "math500")[0]["content"] == PAPER_SYSTEM_PROMPT + "\n"  # no instruction for MATH-500
+    tokenizer = chat_tokenizer()
+    read_back = openrlhf_read(out, tokenizer, True, monkeypatch, tmp_path)
+    assert [p for _, p, _, _ in read_back] == [tokenizer.apply_chat_template(r["prompt"], tokenize=False,
+                                                                             add_generation_prompt=True) for r in rows]
+    # the local backend reads the same messages and renders them with the same template
+    from iapo_openrlhf.data import load_jsonl as load, render_chat
+
+    local = render_chat(load(str(out), "question", "answer", None, chat=True), tokenizer)
+    assert [e.prompt for e in local] == [p for _, p, _, _ in read_back]
+
+
+def test_holdouts_are_disjoint_seeded_and_keep_the_input_order(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(500)])
+    out, test, val = tmp_path / "train.jsonl", tmp_path / "test.jsonl", tmp_path / "val.jsonl"
+    argv = ["gsm8k", "--input", src, "--holdout", f"0.2:{test}", "--holdout", f"50:{val}", "--out", out]
+    code, stdout, _ = run(argv, capsys)
+    assert code == 0 and f"held out 100 rows to {test.resolve()} (seed 42)" in stdout
+    ids = {name: [int(r["answer"]) for r in read(path)] for name, path in (("train", out), ("test", test), ("val", val))}
+    assert [len(v) for v in ids.values()] == [350, 100, 50]
+    assert sorted(ids["train"] + ids["test"] + ids["val"]) == list(range(500))  # disjoint, nothing lost
+    assert all(v == sorted(v) for v in ids.values())
+    # the authors' construction: Python's shuffle under the seed, the last 20 % held out
+    import random
+
+    order = list(range(500))
+    random.Random(42).shuffle(order)
+    assert ids["test"] == sorted(order[400:]) and ids["val"] == sorted(order[350:400])
+    # same seed, same split; another seed, another split
+    code, _, _ = run(argv, capsys)
+    assert code == 0 and [int(r["answer"]) for r in read(test)] == ids["test"]
+    code, _, _ = run(argv + ["--holdout-seed", "7"], capsys)
+    assert code == 0 and [int(r["answer"]) for r in read(test)] != ids["test"]
+    # --limit takes the first usable rows before holding out
+    code, _, _ = run(["gsm8k", "--input", src, "--limit", "10", "--holdout", f"0.2:{test}", "--out", out], capsys)
+    assert code == 0 and sorted(int(r["answer"]) for r in read(out) + read(test)) == list(range(10))
+
+
+@pytest.mark.parametrize("holdouts, message", [
+    (["0.2"], "--holdout 0.2: expected SIZE:FILE with SIZE a row count (500) or a fraction in (0, 1)"),
+    (["1.5:x.jsonl"], "--holdout 1.5:x.jsonl: expected SIZE:FILE"),
+    (["0:x.jsonl"], "--holdout 0:x.jsonl: expected SIZE:FILE"),
+    (["abc:x.jsonl"], "--holdout abc:x.jsonl: expected SIZE:FILE"),
+    (["3:a.jsonl", "2:b.jsonl"], "--holdout: 5 held-out rows of 5 usable ones leave none for --out"),
+    (["1:OUT"], "--holdout: every holdout FILE must differ from --out and from the other holdouts"),
+])
+def test_holdout_errors(tmp_path, capsys, holdouts, message):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(5)])
+    out = tmp_path / "o.jsonl"
+    argv = ["gsm8k", "--input", src, "--out", out]
+    for h in holdouts:
+        argv += ["--holdout", h.replace("OUT", str(out)).replace("a.jsonl", str(tmp_path / "a.jsonl"))]
+    code, stdout, stderr = run(argv, capsys)
+    assert code == 2 and stdout == "" and stderr.count("\n") == 1 and message.replace("a.jsonl", str(tmp_path / "a.jsonl")) in stderr
+    assert not out.exists()

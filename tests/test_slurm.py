@@ -111,6 +111,16 @@ def test_dry_run_local_backend(tmp_path, capsys, monkeypatch):
     assert "IFNAME=''" in script and "RUN_LABEL=training" in script
 
 
+def test_signal_seconds_sets_how_long_before_the_time_limit_sigterm_comes(tmp_path, capsys, monkeypatch):
+    """The training finishes its step and saves on that SIGTERM: a long step needs a longer lead."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tmp_path / "tiny.yaml", tmp_path / "out")
+    script = render(capsys, "--config", str(config), "--backend", "local", "--time", "4:00:00", "--signal-seconds", "900")
+    lines = sbatch_lines(script)
+    assert "--signal=B:TERM@900" in lines and "--requeue" in lines and "--time=4:00:00" in lines
+    assert "trap on_term TERM" in script and 'kill -TERM "$child_pid"' in script  # forwarded to the training
+
+
 def test_dry_run_ray_backend_7b(capsys, monkeypatch, qwen_cache):
     monkeypatch.chdir(ROOT)
     script = render(capsys, "--config", "configs/qwen2.5-7b_gsm8k.yaml", "--partition", "gpu", "--time", "2-00:00:00",
@@ -233,6 +243,7 @@ ERRORS = [
     (["--config", "TINY", "--backend", "local", "--ifname", "much-too-long-name0"],
      "--ifname much-too-long-name0: expected"),
     (["--config", "TINY", "--backend", "local", "--preflight"], "--preflight checks the Ray cluster"),
+    (["--config", "TINY", "--backend", "local", "--signal-seconds", "0"], "--signal-seconds 0: expected 1 to 65535"),
 ]
 
 
@@ -272,6 +283,126 @@ def test_node_ip_exec_appends_the_address_and_free_ports():
     assert match and 1024 <= int(match[1]) < 65536, out
     with socket.socket() as s:  # free when chosen: it binds
         s.bind(("127.0.0.1", int(match[1])))
+
+
+# -- study: rendering and errors ------------------------------------------------------------------
+
+def study_jobs(out: str) -> list[tuple[str, str, str]]:
+    """A study's --dry-run output as [(label, sbatch command line, script)]."""
+    jobs = []
+    for chunk in out.split(iapo_slurm.STUDY_JOB_MARK)[1:]:
+        head, command, script = chunk.split("\n", 2)
+        jobs.append((head.split(": ", 1)[1].rstrip(" ="), command, script))
+    return jobs
+
+
+def test_study_dry_run_7b_every_script_passes_shellcheck(tmp_path, capsys, monkeypatch, qwen_cache):
+    """The paper's 7B GSM8K study: 6 methods x 3 seeds, an evaluation per run after its training
+    succeeded, one table job after everything ended; every script passes shellcheck; nothing written."""
+    monkeypatch.chdir(ROOT)
+    out_dir = tmp_path / "study"
+    code = iapo_slurm.main(["study", "--config", "configs/paper/qwen2.5-7b_gsm8k.yaml", "--methods",
+                            "grpo,dapo,gfpo,gtpo,sgrpo,iapo", "--seeds", "3", "--dry-run", "--no-check",
+                            "--cache-dir", str(qwen_cache), "--partition", "gpu", "--time", "2-00:00:00",
+                            "--eval-time", "12:00:00", "--out", str(out_dir)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.startswith("# iapo-slurm study: 18 runs (grpo, dapo, gfpo, gtpo, sgrpo, iapo x seeds 42, 43, 44)")
+    assert "37 jobs, nothing submitted (--dry-run)" in out.splitlines()[0]
+    assert out.splitlines()[1].startswith("# estimated GPU-hours (an estimate from the settings")
+    assert out.splitlines()[1].endswith("18 run(s): ~1674")  # README's table
+    jobs = study_jobs(out)
+    assert len(jobs) == 37 and not out_dir.exists()
+    runs = [f"{m}-seed{s}" for m in ("grpo", "dapo", "gfpo", "gtpo", "sgrpo", "iapo") for s in (42, 43, 44)]
+    for i, run in enumerate(runs):
+        (train_label, train_cmd, train), (eval_label, eval_cmd, evaluation) = jobs[2 * i], jobs[2 * i + 1]
+        method, seed = run.split("-seed")
+        assert train_label == f"training {method} seed {seed}" and train_cmd == f"# sbatch --parsable <train-{run}.sbatch>"
+        lines = sbatch_lines(train)
+        assert f"--job-name=iapo-qwen2.5-7b_gsm8k-{run}" in lines and "--nodes=2" in lines
+        assert "--gpus-per-node=8" in lines and "--requeue" in lines and "--time=2-00:00:00" in lines
+        run_dir = out_dir / "runs" / run
+        assert (f"--set method={method} --set seed={seed} --set output.dir={run_dir}") in train
+        assert eval_cmd == (f"# sbatch --parsable --dependency=afterok:<job id of train-{run}> "
+                            f"--kill-on-invalid-dep=yes <eval-{run}.sbatch>")
+        lines = sbatch_lines(evaluation)
+        assert f"--job-name=iapo-qwen2.5-7b_gsm8k-eval-{run}" in lines and "--gpus-per-node=1" in lines
+        assert "--time=12:00:00" in lines and "--partition=gpu" in lines and "--requeue" not in lines
+        assert f"iapo-eval --run {run_dir} --config {ROOT / 'configs/paper/qwen2.5-7b_gsm8k.yaml'}" in evaluation
+        assert f"--name {run} --out {run_dir / 'eval'})" in evaluation
+        assert "HF_HUB_OFFLINE=1" in evaluation
+    label, command, table = jobs[-1]
+    assert label.startswith("the table of every run")
+    assert command == ("# sbatch --parsable --dependency=afterany:"
+                       + ":".join(f"<job id of {kind}-{run}>" for run in runs for kind in ("train", "eval"))
+                       + " <table.sbatch>")
+    assert f"-m iapo_openrlhf.eval.collect --study {out_dir} --k '16,32')" in table
+    if SHELLCHECK is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck; .ci/run does)")
+    for i, (_, _, script) in enumerate(jobs):
+        path = tmp_path / f"job{i}.sbatch"
+        path.write_text(script)
+    result = subprocess.run([SHELLCHECK, "--shell=bash", "--severity=style",
+                             *(str(tmp_path / f"job{i}.sbatch") for i in range(len(jobs)))],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
+
+
+def test_study_estimate_is_the_readmes_table():
+    """README's GPU-hour table is estimate_gpu_hours over the 18 runs of each configs/paper/ cell."""
+    from iapo_openrlhf.config import load_config
+    from iapo_openrlhf.study import PAPER_METHODS, estimate_gpu_hours
+
+    readme = (ROOT / "README.md").read_text()
+    names = {"GSM8K": "gsm8k", "MATH-500": "math500", "DAPO-Math-17k": "dapo17k"}
+    rows = re.findall(r"^\| (0\.5B|1\.5B|7B) \| (GSM8K|MATH-500|DAPO-Math-17k) \| .* \| ~([\d,]+) \|$", readme, re.M)
+    assert len(rows) == 9
+    for size, dataset, cell in rows:
+        config = ROOT / "configs" / "paper" / f"qwen2.5-{size.lower()}_{names[dataset]}.yaml"
+        total = sum(3 * estimate_gpu_hours(load_config(str(config), [f"method={m}"], local_files=False))["total"]
+                    for m in PAPER_METHODS)
+        assert abs(total - int(cell.replace(",", ""))) <= 0.01 * total, (size, dataset, total, cell)
+
+
+STUDY_ERRORS = [
+    (["--config", "nope.yaml"], "--config nope.yaml: no such file"),
+    (["--config", "TINY", "--methods", "grpo,ppo"], "--methods grpo,ppo: unknown ppo, expected names from"),
+    (["--config", "TINY", "--methods", ","], "--methods ,: empty"),
+    (["--config", "TINY", "--methods", "iapo,iapo"], "a method twice"),
+    (["--config", "TINY", "--seeds", "0"], "--seeds: got 0, expected an integer >= 1"),
+    (["--config", "TINY", "--set", "seed=3"], "--set seed=3: set for each run by the study"),
+    (["--config", "TINY", "--k", "a"], "--k a: expected positive integers"),
+    (["--config", "TINY", "--eval-arg=--limit"], "--eval-arg --limit: iapo-eval refuses it"),
+    (["--config", "TINY", "--eval-arg=--out=x"], "--eval-arg --out=x: set by the study for each run"),
+    (["--config", "TINY", "--eval-arg=--samples=8"], "--k 16,32: iapo-eval evaluates k = 1,2,4,8 with these"),
+    (["--config", "TINY", "--eval-time", "soon"], "--eval-time soon: expected minutes"),
+    (["--config", "TINY", "--preflight"], "--preflight: a study runs training jobs"),
+    (["--methods", "iapo"], "the following arguments are required: --config"),
+]
+
+
+@pytest.mark.parametrize("args,message", STUDY_ERRORS, ids=[m.split(":")[0][:30] for _, m in STUDY_ERRORS])
+def test_study_errors_are_one_line_and_exit_2(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    tiny = str(tiny_config(tmp_path / "tiny.yaml", tmp_path / "out"))
+    code = iapo_slurm.main(["study", *[tiny if a == "TINY" else a for a in args], "--backend", "local",
+                            "--gpus-per-node", "0", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith("iapo-slurm: error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_study_without_sbatch_is_an_error_and_writes_nothing(tmp_path):
+    config = tiny_config(tmp_path / "tiny.yaml", tmp_path / "out")
+    env = dict(os.environ, PATH=str(tmp_path / "empty"))
+    result = subprocess.run([sys.executable, "-m", "iapo_openrlhf.slurm", "study", "--config", str(config),
+                             "--backend", "local", "--gpus-per-node", "0"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "iapo-slurm: error: sbatch not found on PATH: run on a SLURM login node " \
+                            "(or use --dry-run to see the scripts)\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_wait_ray_times_out_with_a_message(capsys):
@@ -422,7 +553,8 @@ def test_sigterm_requeues_the_job_and_it_resumes(jobs):
     assert signalled.get("scancel") is not None and signalled["scancel"].returncode == 0, signalled
     assert job.code == 0, _describe(job)
     log = job.log
-    for line in ("SIGTERM received", "requeued (this was run 0)", "run 1 of job",
+    for line in ("SIGTERM received", "iapo-train: SIGTERM: saved the checkpoint of step ", "training exited with code 143",
+                 "requeued (this was run 0)", "run 1 of job",
                  "a checkpoint exists under", "resuming from it", "training finished (exit code 0)"):
         assert line in log, line + "\n" + _describe(job)
     assert log.index("SIGTERM received") < log.index("phase 4/4") < log.index("requeued") < log.index("run 1 of job")
@@ -440,3 +572,111 @@ def test_job_fails_when_ray_does_not_come_up(jobs):
 def test_no_ray_process_outlives_its_job(jobs):
     left = kill_processes_mentioning(str(jobs["ray_root"]))
     assert not left, left
+
+
+# -- a real study on the one-node cluster ------------------------------------------------------------
+
+STUDY_EVAL = ["--k", "1,2", "--eval-arg=--samples=2", "--eval-arg=--k=1,2", "--eval-arg=--seeds=42",
+              "--eval-arg=--limit=4", "--eval-arg=--max-new-tokens=24", "--eval-arg=--backend=hf"]
+
+
+def _study(cluster: Cluster, config: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "iapo_openrlhf.slurm", "study", "--config", str(config), "--gpus-per-node", "0",
+         "--cpus-per-task", "1", "--backend", "local", "--ray-timeout", "240",
+         "--ray-head-arg=--include-dashboard=false", *STUDY_EVAL, "--wait", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env, cwd=config.parent,
+    )
+
+
+@pytest.fixture(scope="module")
+def studies(slurm_cluster, tmp_path_factory):
+    """Two studies at once: 2 methods x 2 seeds of the tiny config, and one run whose training job is
+    cancelled as soon as the study is submitted (a failed training, as far as SLURM's dependencies
+    go: its evaluation never runs, the table job runs all the same and lists the run as failed)."""
+    base = tmp_path_factory.mktemp("studies")
+    ray_root = Path(f"/tmp/iapo-test-{secrets.token_hex(3)}")
+    ray_root.mkdir()
+    slurm_cluster.env["IAPO_RAY_TMPDIR"] = str(ray_root)
+    started = time.monotonic()
+    failed = _study(slurm_cluster, tiny_config(base / "failed.yaml", base / "failed"), "--methods", "gtpo",
+                    "--seeds", "1")
+    ok = _study(slurm_cluster, tiny_config(base / "ok.yaml", base / "ok"), "--methods", "grpo,iapo", "--seeds", "2")
+    ids, lines = {}, []
+    for line in failed.stdout:  # the table job is submitted last: then every job is in the queue
+        lines.append(line)
+        match = re.search(r"submitted job (\d+): (training|evaluation|the table)", line)
+        if match:
+            ids[match.group(2)] = match.group(1)
+        if "runs submitted" in line:
+            break
+    assert len(ids) == 3, "".join(lines) + failed.stderr.read()
+    cancel = slurm_cluster.run("scancel", ids["training"])
+    results = {}
+    for name, proc in (("failed", failed), ("ok", ok)):
+        try:
+            out, err = proc.communicate(timeout=max(1, 420 - (time.monotonic() - started)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        if name == "failed":  # while SLURM still remembers the jobs (MinJobAge)
+            out = "".join(lines) + out
+            evaluation = slurm_cluster.run("scontrol", "show", "job", ids["evaluation"]).stdout
+        results[name] = (proc.returncode, out, err, base / name)
+    yield {"results": results, "cancel": cancel, "evaluation": evaluation, "seconds": time.monotonic() - started,
+           "left": kill_processes_mentioning(str(ray_root))}
+    shutil.rmtree(ray_root, ignore_errors=True)
+
+
+def _study_describe(result) -> str:
+    code, out, err, study = result
+    logs = "".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}\n" for p in sorted((study / "logs").glob("*.log")))
+    return f"exit {code}\n--- stdout\n{out}\n--- stderr\n{err}\n{logs}"
+
+
+def test_study_trains_evaluates_and_collects_every_run(studies):
+    result = studies["results"]["ok"]
+    code, out, _, study = result
+    assert code == 0, _study_describe(result)
+    assert out.count("submitted job") == 9 and "study of 4 runs submitted (9 jobs)" in out, out
+    manifest = json.loads((study / "study.json").read_text())
+    assert [r["name"] for r in manifest["runs"]] == ["grpo-seed0", "grpo-seed1", "iapo-seed0", "iapo-seed1"]
+    for run in manifest["runs"]:
+        run_dir = Path(run["dir"])
+        assert run_dir == study / "runs" / run["name"]
+        assert json.loads((run_dir / "config.json").read_text())["seed"] == run["seed"]
+        assert (run_dir / "final" / "config.json").exists() and (run_dir / "eval" / "metrics.json").exists()
+        assert "training finished (exit code 0)" in Path(run["train_log"]).read_text()
+        assert f"evaluation of {run['name']} exited with code 0" in Path(run["eval_log"]).read_text()
+    table = json.loads((study / "table" / "metrics.json").read_text())
+    assert table["ks"] == [1, 2] and list(table["methods"]) == ["IAPO", "GRPO"]  # the paper's row order
+    assert [r["status"] for r in table["runs"]] == ["ok"] * 4
+    assert [r["checkpoint"] for r in table["runs"]] == ["final"] * 4  # no validation split: the final model
+    for row in table["methods"].values():
+        assert (row["runs"], row["runs_ok"], row["failed"]) == (2, 2, [])
+        for key in ("P@1", "P@2", "L@1", "L@2", "R@1", "R@2"):
+            assert key in row and f"{key} std" in row
+    md = (study / "table" / "metrics.md").read_text()
+    assert md.startswith("| Method | P@1 | P@2 | L@1 | L@2 | R@1 | R@2 | runs |") and md.count("| 2 of 2 |") == 2
+    assert len((study / "table" / "runs.csv").read_text().splitlines()) == 5
+    assert (study / "table" / "metrics.csv").exists() and (study / "table" / "accuracy_vs_length.png").exists()
+    assert f"table job {manifest['table_job']} finished with exit code 0" in out
+    assert not studies["left"], studies["left"]  # no Ray process outlives its job
+
+
+def test_study_lists_a_failed_run_and_its_evaluation_never_runs(studies):
+    result = studies["results"]["failed"]
+    code, out, _, study = result
+    assert studies["cancel"].returncode == 0, studies["cancel"].stderr
+    assert code == 0, _study_describe(result)
+    (run,) = json.loads((study / "study.json").read_text())["runs"]
+    # afterok on a training that did not succeed: SLURM cancels the evaluation (--kill-on-invalid-dep)
+    assert "JobState=CANCELLED" in studies["evaluation"] and "DependencyNeverSatisfied" in studies["evaluation"], \
+        studies["evaluation"]
+    assert not Path(run["eval_log"]).exists()
+    table = json.loads((study / "table" / "metrics.json").read_text())
+    (outcome,) = table["runs"]
+    assert outcome["status"] == "failed" and outcome["reason"].startswith("training failed: no model in ")
+    assert table["methods"]["GTPO"]["runs_ok"] == 0 and table["methods"]["GTPO"]["failed"][0]["seed"] == 0
+    md = (study / "table" / "metrics.md").read_text()
+    assert "| GTPO | failed |" in md and "| gtpo-seed0 | gtpo | 0 | failed: training failed" in md

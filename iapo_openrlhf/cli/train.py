@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..config import ConfigError, load_config
+from ..preemption import Preempted, StopSignals, exit_code
 
 
 def _table(history: dict, ks: list[int]) -> str:
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="iapo-train",
         description="Train with IAPO / GRPO / DAPO on one machine (CPU or one GPU).",
+        epilog="On SIGTERM or SIGUSR1 (SLURM preemption, the time-limit warning) the step in progress ends, its "
+               "checkpoint is saved and the exit code is 128 + the signal (143, 138); --resume continues at the "
+               "next step.",
     )
     parser.add_argument("--config", help="YAML config (see configs/); defaults apply to missing keys")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -43,10 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # per-file load/save bars drown the training bar
 
         trainer = LocalTrainer(cfg, progress=not args.quiet)
-        history = trainer.train(resume=args.resume)
+        # SIGTERM / SIGUSR1 (SLURM preemption or time limit): finish the step, save, exit 128 + signal
+        with StopSignals("iapo-train") as stop:
+            history = trainer.train(resume=args.resume, stop=stop)
     except ConfigError as e:
         print(f"iapo-train: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"iapo-train: {e}", file=sys.stderr)
+        return exit_code(e.signum)
     print(f"\n{cfg.method} on {cfg.data.task}: test set of {history['after']['num_problems']} problems, "
           f"{max(cfg.eval.k)} samples each, temperature {cfg.eval.temperature}")
     print(_table(history, cfg.eval.k))

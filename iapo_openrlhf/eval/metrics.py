@@ -115,16 +115,26 @@ def _cell(results: Mapping, method: str, key: str) -> float:
     return results[key]
 
 
+FORMATS = {"P": "{:.4f}", "L": "{:.2f}", "R": "{:.2e}"}
+
+
+def format_cell(metric: str, value: float, std: float | None = None) -> str:
+    """P with 4 decimals, L with 2, R in scientific notation; "mean ± std" when a std is given."""
+    text = FORMATS[metric].format(value)
+    return text if std is None else f"{text} ± {FORMATS[metric].format(std)}"
+
+
 def to_markdown(results_by_method: Mapping[str, Mapping], ks: Sequence[int]) -> str:
     """The paper's table: one row per method, columns P@k, L@k, R@k for each k.
 
     P@k with 4 decimals, L@k with 2, R@k in scientific notation (1.16e-02): R@k is ~1e-3..1e-2.
+    A result with "P@k std" keys (iapo-eval over several seeds) shows "mean ± std".
     """
     header = ["Method"] + [f"{m}@{k}" for k in ks for m in TABLE_METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|"]
-    fmt = {"P": "{:.4f}", "L": "{:.2f}", "R": "{:.2e}"}
     for method, results in results_by_method.items():
-        cells = [fmt[m].format(_cell(results, method, f"{m}@{k}")) for k in ks for m in TABLE_METRICS]
+        cells = [format_cell(m, _cell(results, method, f"{m}@{k}"), results.get(f"{m}@{k} std"))
+                 for k in ks for m in TABLE_METRICS]
         lines.append("| " + " | ".join([method] + cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -135,10 +145,6 @@ def write_reports(results_by_method: Mapping[str, Mapping], ks: Sequence[int], o
     Returns {"json", "csv", "md", "png"} -> path. Extra keys in a method's results (e.g. wall-clock
     time) go to JSON and CSV as they are; the Markdown table and plot show P/L/R only.
     """
-    # Figure + its own Agg canvas, not pyplot: no global backend switch, safe beside other plotting.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     markdown = to_markdown(results_by_method, ks)  # validates every (method, k) before writing anything
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,14 +157,30 @@ def write_reports(results_by_method: Mapping[str, Mapping], ks: Sequence[int], o
     paths["json"].write_text(json.dumps({"ks": list(ks), "methods": results_by_method}, indent=2) + "\n")
     paths["md"].write_text(markdown)
 
-    columns: list[str] = []
+    columns: list[str] = []  # scalar values only: per-seed lists and settings stay in the JSON
     for results in results_by_method.values():
-        columns += [key for key in results if key not in columns]
+        columns += [key for key, value in results.items() if key not in columns and _scalar(value)]
     with paths["csv"].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["method"] + columns)
         writer.writeheader()
         for method, results in results_by_method.items():
-            writer.writerow({"method": method, **results})
+            writer.writerow({"method": method, **{k: v for k, v in results.items() if k in columns}})
+
+    plot_accuracy_vs_length(results_by_method, ks, paths["png"])
+    return paths
+
+
+def _scalar(value) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def plot_accuracy_vs_length(results_by_method: Mapping[str, Mapping], ks: Sequence[int], path: str | Path,
+                            title: str = "Accuracy against length") -> None:
+    """P@k against L@k, one line per method, each point labelled with its k (error bars where a
+    result has "P@k std" / "L@k std")."""
+    # Figure + its own Agg canvas, not pyplot: no global backend switch, safe beside other plotting.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4.5))
     FigureCanvasAgg(fig)
@@ -166,14 +188,19 @@ def write_reports(results_by_method: Mapping[str, Mapping], ks: Sequence[int], o
     for method, results in results_by_method.items():
         xs = [results[f"L@{k}"] for k in ks]
         ys = [results[f"P@{k}"] for k in ks]
-        ax.plot(xs, ys, marker="o", label=method)
+        xerr = [results.get(f"L@{k} std") or 0.0 for k in ks]
+        yerr = [results.get(f"P@{k} std") or 0.0 for k in ks]
+        if any(xerr) or any(yerr):
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, label=method)
+        else:
+            ax.plot(xs, ys, marker="o", label=method)
         for k, x, y in zip(ks, xs, ys):
             ax.annotate(f"k={k}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("L@k (mean completion tokens)")
     ax.set_ylabel("P@k (first-k accuracy)")
-    ax.set_title("Accuracy against length")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if results_by_method:
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(paths["png"], dpi=120)
-    return paths
+    fig.savefig(path, dpi=120)

@@ -47,7 +47,10 @@ def generate(
     """Sample one completion per prompt (repeat prompts for a group).
 
     top_k=0 and top_p=1: the PPO ratio and the exploration term assume the tokens were drawn from
-    the plain temperature-scaled policy, which transformers' default top_k=50 would not be.
+    the plain temperature-scaled policy, which transformers' default top_k=50 would not be. Every
+    other sampling knob is pinned off too: transformers fills what this config leaves unset from the
+    model's generation_config.json, and Qwen2.5-Instruct's sets repetition_penalty 1.05 (and top_k
+    20, top_p 0.8, temperature 0.7), which would bias both the rollouts and the evaluation protocol.
     """
     was_training = model.training
     model.eval()
@@ -57,6 +60,8 @@ def generate(
         temperature=temperature if not greedy else None,
         top_k=0 if not greedy else None,
         top_p=1.0 if not greedy else None,
+        repetition_penalty=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+        no_repeat_ngram_size=0,
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,

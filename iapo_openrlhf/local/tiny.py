@@ -16,7 +16,13 @@ from ..rewards import R1_SYSTEM_PROMPT
 
 SPECIAL = ["<pad>", "<eos>"]
 # Added but not special: decode(skip_special_tokens=True) must keep them for the answer parser.
-TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<|im_start|>", "<|im_end|>"]
+# Qwen's ChatML layout, so that chat-message prompts (data.system_prompt: paper) render as they
+# would for Qwen2.5-Instruct.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def tiny_model_from_texts(out_dir: str | Path, cfg, *, seed: int = 0, vocab_size: int = 1024) -> Path:
@@ -33,6 +39,7 @@ def tiny_model_from_texts(out_dir: str | Path, cfg, *, seed: int = 0, vocab_size
     tok.train_from_iterator(texts, trainer)
     tok.add_tokens(TAGS)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(
         Qwen2Config(

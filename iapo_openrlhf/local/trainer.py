@@ -11,6 +11,10 @@ subset of tokens; the significance reward adds a length reward over low-MI token
 
 Determinism: the data position, the optimizer and every RNG are checkpointed, and evaluation runs
 under a forked RNG, so `--resume` continues exactly where an uninterrupted run would be.
+
+Preemption (`iapo-train` on SIGTERM / SIGUSR1, preemption.py): the step in progress ends, its
+checkpoint is saved, and the process exits with 128 + the signal; `--resume` continues at the
+next step, with the same result as a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -51,8 +55,9 @@ from ..core.methods import (
     significance_phase,
 )
 from ..core.mi import answer_entropy, token_mi
-from ..data import Example, load_jsonl, synthetic_examples
+from ..data import Example, load_jsonl, render_chat, synthetic_examples, think_in_prompt
 from ..eval.generation import evaluate_model
+from ..preemption import Preempted
 from ..rewards import R1_SYSTEM_PROMPT, batch_rewards
 from .rollout import Rollout, generate
 
@@ -141,9 +146,21 @@ class LocalTrainer:
             self.test_examples = synthetic_examples(self.task, "test", cfg.data.num_test or 256)
         else:
             system = R1_SYSTEM_PROMPT if cfg.data.system_prompt == "r1" else None
-            self.train_examples = load_jsonl(cfg.data.train_path, cfg.data.input_key, cfg.data.label_key, system)
-            test = load_jsonl(cfg.data.test_path, cfg.data.input_key, cfg.data.label_key, system)
-            self.test_examples = test[: cfg.data.num_test] if cfg.data.num_test else test
+            chat = cfg.data.system_prompt == "paper"
+            self.train_examples = load_jsonl(cfg.data.train_path, cfg.data.input_key, cfg.data.label_key, system,
+                                             chat=chat)
+            if cfg.train.epochs > 1:  # each pass covers the same first prompts, as OpenRLHF's --data.max_samples
+                per_epoch = cfg.train.steps // cfg.train.epochs * cfg.rollout.prompts_per_step
+                if len(self.train_examples) < per_epoch:
+                    raise ConfigError(
+                        f"train.steps: {cfg.train.steps} steps in {cfg.train.epochs} epochs take {per_epoch} prompts "
+                        f"per epoch, {cfg.data.train_path} has {len(self.train_examples)}; expected train.steps <= "
+                        f"{cfg.train.epochs * (len(self.train_examples) // cfg.rollout.prompts_per_step)}")
+                self.train_examples = self.train_examples[:per_epoch]
+            # Evaluations during training read the validation split when there is one, never test then.
+            held = load_jsonl(cfg.data.val_path or cfg.data.test_path, cfg.data.input_key, cfg.data.label_key,
+                              system, chat=chat)
+            self.test_examples = held[: cfg.data.num_test] if cfg.data.num_test else held
         self.initial_dir = self._initial_model_dir()
         dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
         checkpoint = self._latest_checkpoint() if resume else None
@@ -151,6 +168,9 @@ class LocalTrainer:
             raise ConfigError(f"--resume: no checkpoint under {self.out / CHECKPOINTS}, run without --resume first")
         source = checkpoint or self.initial_dir
         self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.train_examples = render_chat(self.train_examples, self.tokenizer)
+        self.test_examples = render_chat(self.test_examples, self.tokenizer)
+        self.think_in_prompt = think_in_prompt([e.prompt for e in self.train_examples])
         self.model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(self.device)
         self.model.config.use_cache = False
         self.ref = None
@@ -169,7 +189,9 @@ class LocalTrainer:
             if not self.probe_after_ids:
                 raise ConfigError(f"iapo.probe_after: {cfg.iapo.probe_after!r} matches no token of the tokenizer, "
                                   "expected a pattern that some tokens contain (e.g. '\\n')")
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
+        betas = tuple(cfg.train.adam_betas) if cfg.train.adam_betas is not None else (0.9, 0.999)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=betas, weight_decay=0.0)
+        self.scheduler = self._scheduler()
         self.step = 0
         self.position = 0
         if checkpoint is not None:
@@ -181,6 +203,20 @@ class LocalTrainer:
             self.log_path.unlink(missing_ok=True)
         # The run's settings beside its metrics (scripts/collect_results.py names rows by method).
         (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
+
+    def _scheduler(self):
+        """The lr schedule over every optimizer step of the run (train.steps x train.ppo_epochs)."""
+        from transformers import get_scheduler
+
+        cfg = self.cfg
+        name = cfg.train.lr_scheduler or "constant"
+        total = cfg.train.steps * cfg.train.ppo_epochs
+        warmup = round(total * (cfg.train.lr_warmup_ratio or 0.0))
+        if name == "constant":
+            name = "constant_with_warmup"
+        extra = {"min_lr_rate": 0.1} if name == "cosine_with_min_lr" else None  # OpenRLHF's min_lr_ratio
+        return get_scheduler(name, self.optimizer, num_warmup_steps=warmup, num_training_steps=total,
+                             scheduler_specific_kwargs=extra)
 
     # -- data ----------------------------------------------------------------------------------
 
@@ -204,7 +240,8 @@ class LocalTrainer:
         golds = [e.label for e in examples for _ in range(g)]
         rollout = generate(self.model, self.tokenizer, prompts, max_new_tokens=cfg.rollout.max_new_tokens,
                            temperature=cfg.rollout.temperature)
-        results = batch_rewards(rollout.completions, golds, cfg.reward.scheme, think_in_prompt=True)
+        results = batch_rewards(rollout.completions, golds, cfg.reward.scheme, think_in_prompt=self.think_in_prompt,
+                                format_check=cfg.reward.format)
         rewards = torch.tensor([r.reward for r in results], dtype=torch.float32)
         if cfg.method == "dapo":
             rewards = rewards + overlong_penalty(rollout.lengths, cfg.rollout.max_new_tokens,
@@ -363,11 +400,14 @@ class LocalTrainer:
                 stats["loss"] += float(loss.detach()) * weight
                 stats["clip_frac"] += s["clip_frac"] * weight
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.max_grad_norm)
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this update used
             self.optimizer.step()
+            self.scheduler.step()
             updates += 1
         self.model.eval()
         stats = {k: v / updates for k, v in stats.items()}
         stats["grad_norm"] = float(grad_norm)
+        stats["lr"] = float(lr)
         return stats
 
     def train_step(self) -> dict:
@@ -402,7 +442,7 @@ class LocalTrainer:
         return evaluate_model(
             self.model, self.tokenizer, self.test_examples, ks=cfg.eval.k, temperature=cfg.eval.temperature,
             max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens, reward_scheme=cfg.reward.scheme,
-            seed=cfg.seed + 12345,
+            format_check=cfg.reward.format, seed=cfg.seed + 12345,
         )
 
     def _log(self, record: dict) -> None:
@@ -427,6 +467,7 @@ class LocalTrainer:
                 "step": self.step,
                 "position": self.position,
                 "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate(),
                 "numpy_rng": np.random.get_state(),
@@ -442,6 +483,8 @@ class LocalTrainer:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         self.step, self.position = state["step"], state["position"]
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
@@ -452,7 +495,10 @@ class LocalTrainer:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def train(self, resume: bool = False) -> dict:
+    def train(self, resume: bool = False, stop=None) -> dict:
+        """Run (or, with resume, continue) the training. `stop`: an object whose `requested` is
+        set to a signal number when the process must stop (preemption.StopSignals): the step in
+        progress ends, its checkpoint is saved, and `preemption.Preempted` is raised."""
         cfg = self.cfg
         self.setup(resume)
         history = {}
@@ -461,6 +507,9 @@ class LocalTrainer:
             self._log({"step": 0, "eval": history["before"]})
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"{cfg.method} RL", disable=not self.progress)
         while self.step < cfg.train.steps:
+            if stop is not None and stop.requested is not None:  # before this run's first step
+                bar.close()
+                raise Preempted(stop.requested, self.step)
             record = self.train_step()
             self.step += 1
             self._log(record)
@@ -472,8 +521,14 @@ class LocalTrainer:
                 result = self.evaluate()
                 self._log({"step": self.step, "eval": result})
                 history["after"] = result
-            if last or (cfg.output.save_every and self.step % cfg.output.save_every == 0):
+            saved = last or bool(cfg.output.save_every and self.step % cfg.output.save_every == 0)
+            if saved:
                 self.save_checkpoint()
+            if stop is not None and stop.requested is not None and not last:
+                if not saved:
+                    self.save_checkpoint()
+                bar.close()
+                raise Preempted(stop.requested, self.step, saved=True)
         bar.close()
         final = self.out / "final"
         shutil.rmtree(final, ignore_errors=True)

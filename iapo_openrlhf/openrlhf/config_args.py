@@ -35,8 +35,10 @@ def openrlhf_args(cfg: Config, reward_file: str) -> list[str]:
     # samples the update sees per rollout step: GFPO trains on the k it keeps of the G it samples
     samples = cfg.rollout.prompts_per_step * group_size(cfg)
     alpha, beta = (cfg.iapo.alpha, cfg.iapo.beta) if cfg.method == "iapo" else (0.0, 0.0)
-    # prepare_data.py writes the R1-formatted prompt under "prompt"; "none" uses the raw field.
-    input_key = "prompt" if cfg.data.system_prompt == "r1" else cfg.data.input_key
+    # prepare_data.py writes the R1-formatted prompt under "prompt" (the authors' chat messages with
+    # --style paper, rendered by the model's chat template); "none" uses the raw field.
+    input_key = "prompt" if cfg.data.system_prompt in ("r1", "paper") else cfg.data.input_key
+    epochs = cfg.train.epochs
     args = [
         "--actor.model_name_or_path", cfg.model.path,
         "--actor.num_nodes", c.nodes, "--actor.num_gpus_per_node", c.gpus_per_node,
@@ -50,9 +52,10 @@ def openrlhf_args(cfg: Config, reward_file: str) -> list[str]:
         *_flag("--actor.gradient_checkpointing_enable", c.gradient_checkpointing),
         "--data.prompt_dataset", cfg.data.train_path,
         "--data.input_key", input_key, "--data.label_key", cfg.data.label_key,
-        "--data.max_samples", cfg.train.steps * cfg.rollout.prompts_per_step,
+        # train.steps / epochs rollout steps over these many prompts, epochs times
+        "--data.max_samples", cfg.train.steps // epochs * cfg.rollout.prompts_per_step,
         "--data.max_len", c.max_prompt_tokens + cfg.rollout.max_new_tokens,
-        "--train.num_episodes", 1, "--train.seed", cfg.seed,
+        "--train.num_episodes", epochs, "--train.seed", cfg.seed,
         "--rollout.batch_size", cfg.rollout.prompts_per_step,
         "--rollout.n_samples_per_prompt", cfg.rollout.n_samples_per_prompt,
         "--rollout.max_new_tokens", cfg.rollout.max_new_tokens,
@@ -72,13 +75,26 @@ def openrlhf_args(cfg: Config, reward_file: str) -> list[str]:
         "--ckpt.save_steps", cfg.output.save_every or -1, "--ckpt.output_dir", out / EXPORT_DIR,
         "--logger.tensorboard_dir", out / "tensorboard",
     ]
-    if cfg.data.test_path:
-        args += ["--eval.dataset", cfg.data.test_path, "--eval.steps", cfg.eval.every or -1,
+    if cfg.data.system_prompt == "paper":
+        args.append("--data.apply_chat_template")
+    if cfg.train.adam_betas is not None:
+        args += ["--actor.adam.betas", *cfg.train.adam_betas]
+    if cfg.train.lr_scheduler is not None:
+        args += ["--actor.lr_scheduler", cfg.train.lr_scheduler]
+    if cfg.train.lr_warmup_ratio is not None:
+        args += ["--actor.lr_warmup_ratio", cfg.train.lr_warmup_ratio]
+    # Evaluations during training: on the validation split when there is one (OpenRLHF also keeps a
+    # "best" checkpoint by them), never on test when a validation split exists.
+    eval_path = cfg.data.val_path or cfg.data.test_path
+    if eval_path:
+        args += ["--eval.dataset", eval_path, "--eval.steps", cfg.eval.every or -1,
                  "--eval.temperature", cfg.eval.temperature, "--eval.n_samples_per_prompt", max(cfg.eval.k)]
-    if cfg.method == "dapo":
-        args += ["--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", 0, 1,
-                 "--reward.overlong_buffer_len", cfg.dapo.overlong_buffer,
-                 "--reward.overlong_penalty_factor", cfg.dapo.overlong_penalty]
+    if cfg.method == "dapo":  # each part as the local backend applies it (dapo.*: off when disabled)
+        if cfg.dapo.dynamic_sampling:
+            args += ["--algo.dynamic_filtering_enable", "--algo.dynamic_filtering_range", 0, 1]
+        if cfg.dapo.overlong_penalty > 0:
+            args += ["--reward.overlong_buffer_len", cfg.dapo.overlong_buffer,
+                     "--reward.overlong_penalty_factor", cfg.dapo.overlong_penalty]
     for name in ("postfix", "predict_mode", "chunk_tokens", "probe_stride", "mi_smoothing", "mi_horizon",
                  "mi_decay", "exploration", "shaping_norm"):
         args += [f"--iapo.{name}", getattr(cfg.iapo, name)]

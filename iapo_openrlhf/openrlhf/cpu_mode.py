@@ -439,6 +439,11 @@ def _rollout_actor_class():
                 self._iapo_requests += 1
             return await super().generate(prompt_token_ids, sampling_params, multi_modal_data)
 
+        async def iapo_reset_request_seeds(self):
+            """The next request gets the first seed again: an engine reused for another run
+            (--methods) samples that run's rollouts as a freshly started engine would."""
+            self._iapo_requests = 0
+
     CPURolloutRayActor.__module__ = __name__
     CPURolloutRayActor.__qualname__ = "CPURolloutRayActor"
     return CPURolloutRayActor
@@ -603,17 +608,19 @@ def start_ray(args, env_vars: dict[str, str]) -> bool:
 
 
 @contextlib.contextmanager
-def session(args, env_vars: dict[str, str]):
+def session(args, env_vars: dict[str, str], events_dir: str | None = None):
     """The driver's side of a --cpu run: environment, Ray, OpenRLHF's driver-side names, and the
-    phase table at the end. Yields; the caller runs OpenRLHF's train(args) inside."""
+    phase table at the end. Yields; the caller runs OpenRLHF's train(args) inside (once, or once
+    per method with --methods). The event log goes to events_dir (default: --ckpt.path)."""
     import ray
     from unittest import mock
 
     import openrlhf.cli.train_ppo_ray as orl_cli
     import openrlhf.trainer.ray.vllm_engine as vllm_engine
 
-    os.makedirs(args.ckpt.path, exist_ok=True)
-    events_path = os.path.abspath(os.path.join(args.ckpt.path, EVENTS_FILE))
+    events_dir = events_dir or args.ckpt.path
+    os.makedirs(events_dir, exist_ok=True)
+    events_path = os.path.abspath(os.path.join(events_dir, EVENTS_FILE))
     run_id = f"{os.getpid()}-{time.time():.0f}"
     env = {**env_vars, ENV: "1", EVENTS_ENV: events_path, RUN_ID_ENV: run_id, "DS_ACCELERATOR": "cpu"}
     os.environ.update(env)
@@ -687,8 +694,49 @@ def read_events(path: str, run_id: str | None = None) -> list[dict[str, Any]]:
     return [r for r in rows if run_id is None or r.get("run") == run_id]
 
 
+def _method_phases(events: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    """--methods: launcher and Ray as in `phases`, then for each method its start-up (the first:
+    Ray workers, vLLM, models; the others: their own actor, reference and trainer processes and the
+    sync of their initial weights to the reused vLLM engine), its steps and its total."""
+    rows = [row for row in phases([e for e in events if e["event"] in ("launch", "ray_ready")])]
+    starts = [e for e in events if e["event"] == "method_start"]
+    dones = [e for e in events if e["event"] == "method_done"]
+    for k, start in enumerate(starts):
+        method, t0 = start["method"], start["time"]
+        t1 = dones[k]["time"] if k < len(dones) else (starts[k + 1]["time"] if k + 1 < len(starts) else math.inf)
+        seg = [e for e in events if t0 <= e["time"] <= t1]
+        syncs = [e["time"] for e in seg if e["event"] == "weight_sync"]
+        reset = [e["time"] for e in seg if e["event"] == "vllm_reset"]
+        if reset:
+            after = [t for t in syncs if t >= reset[0]]
+            begin, steps = (after[0], after[1:]) if after else (None, [])
+            what = "own actor, reference and trainer processes; initial weights synced to the reused vLLM"
+        else:
+            ready = [e["time"] for e in seg if e["event"] in ("vllm_ready", "model_prepared", "actor_ready")]
+            begin, steps = (max(ready) if ready else None), syncs
+            what = "Ray workers, vLLM engine, models"
+        if begin is not None:
+            rows.append((f"{method}: start-up ({what})", begin - t0))
+            for n, (lo, hi) in enumerate(zip([begin, *steps], steps), start=1):
+                saved = sum(e["seconds"] for e in seg if e["event"] in ("checkpoint_saved", "hf_saved")
+                            and e.get("rank", 0) == 0 and lo <= e["time"] <= hi)
+                rows.append((f"{method}: step {n} (without saves)", hi - lo - saved))
+        if math.isfinite(t1):
+            rows.append((f"{method}: total (start-up, steps, saves, HF export)", t1 - t0))
+    first = {e["event"]: e for e in reversed(events)}
+    if "train_done" in first and "ray_stopped" in first:
+        rows.append(("Ray shutdown", first["ray_stopped"]["time"] - first["train_done"]["time"]))
+    end = first.get("ray_stopped", first.get("train_done"))
+    if "launch" in first and end:
+        rows.append(("total (process start to end)",
+                     end["time"] - (first["launch"].get("process_started") or first["launch"]["time"])))
+    return rows
+
+
 def phases(events: list[dict[str, Any]]) -> list[tuple[str, float]]:
     """(phase, seconds) from one run's events: start-up, each step, saves, shutdown."""
+    if any(e["event"] == "method_start" for e in events):
+        return _method_phases(events)
     first = {}
     for e in events:
         first.setdefault(e["event"], e)

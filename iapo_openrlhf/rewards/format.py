@@ -1,8 +1,18 @@
-"""DeepSeek-R1 think/answer format check and the matching system prompt.
+"""DeepSeek-R1 think/answer format checks and the matching system prompt.
 
-The format reward rewards *structure* only: `<think> ... </think> <answer> ... </answer>`, each
-tag exactly once, in that order, a non-blank answer and nothing but whitespace or end-of-sequence
-markers after `</answer>`. Correctness is judged separately (answer.py).
+The format reward rewards *structure* only. Two checks, chosen with `reward.format`:
+
+- `r1` (ours, the default): `<think> ... </think> <answer> ... </answer>`, each tag exactly once, in
+  that order, a non-blank answer and nothing but whitespace or end-of-sequence markers after
+  `</answer>`; the reasoning may span lines.
+- `authors`: the check of the IAPO authors' released code, reimplemented from what it accepts: the
+  whole completion on ONE line except for exactly one newline between `</think>` and `<answer>`
+  (their pattern has no DOTALL, so `.` never matches a newline), optional text before `<think>`,
+  no second `<think>` / `<answer>`, an answer that may be empty, one optional trailing newline.
+  A multi-line chain of thought therefore loses the 0.5 format reward there: it pushes towards
+  short one-line reasoning, which matters when reproducing their lengths.
+
+Correctness is judged separately (answer.py).
 """
 
 from __future__ import annotations
@@ -27,6 +37,23 @@ _LAYOUT = re.compile(r"\s*<think>.*?</think>\s*<answer>(.*?)</answer>(.*)", re.D
 _TRAILER = re.compile(r"(?:\s|<[|｜][^<>]{0,40}[|｜]>|</s>)*")
 
 
+_AUTHORS_LAYOUT = re.compile(r"([^\n]*)<think>([^\n]*)</think>\n<answer>([^\n]*)</answer>\n?")
+
+
+def format_ok_authors(completion: str | None, think_in_prompt: bool = False) -> bool:
+    """Whether `completion` passes the IAPO authors' format check (see the module docstring).
+
+    think_in_prompt as for `format_ok`. Trailing end-of-turn markers are ignored (their trainer
+    decodes without special tokens). Never raises.
+    """
+    if not isinstance(completion, str):
+        return False
+    text = "<think>" + completion if think_in_prompt else completion
+    text = re.sub(r"(?:<[|｜][^<>]{0,40}[|｜]>|</s>)+\Z", "", text)
+    match = _AUTHORS_LAYOUT.fullmatch(text)
+    return bool(match) and not any("<think>" in part or "<answer>" in part for part in match.groups())
+
+
 def format_ok(completion: str | None, think_in_prompt: bool = False) -> bool:
     """Whether `completion` follows the R1 layout.
 
@@ -41,3 +68,6 @@ def format_ok(completion: str | None, think_in_prompt: bool = False) -> bool:
         return False
     match = _LAYOUT.fullmatch(text)
     return bool(match and match.group(1).strip() and _TRAILER.fullmatch(match.group(2)))
+
+
+FORMAT_CHECKS = {"r1": format_ok, "authors": format_ok_authors}

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .answer import extract_answer, is_correct
-from .format import format_ok
+from .format import FORMAT_CHECKS
 
 SCHEMES: dict[str, Callable[[bool, bool], float]] = {
     "correctness": lambda correct, formatted: 1.0 if correct else 0.0,
@@ -39,13 +39,22 @@ def _check_scheme(scheme: str) -> Callable[[bool, bool], float]:
     return SCHEMES[scheme]
 
 
+def _check_format(check: str):
+    if check not in FORMAT_CHECKS:
+        raise ValueError(f"format_check: got {check!r}, expected one of {sorted(FORMAT_CHECKS)}")
+    return FORMAT_CHECKS[check]
+
+
 def compute_reward(
-    completion: str | None, gold: str | int | float | None, scheme: str, think_in_prompt: bool = False
+    completion: str | None, gold: str | int | float | None, scheme: str, think_in_prompt: bool = False,
+    format_check: str = "r1",
 ) -> RewardResult:
-    """Score one completion against its gold label; never raises on the completion itself."""
+    """Score one completion against its gold label; never raises on the completion itself.
+
+    format_check: "r1" (ours) or "authors" (the IAPO authors' one-line check), see format.py."""
     score = _check_scheme(scheme)
+    formatted = _check_format(format_check)(completion, think_in_prompt)
     correct = is_correct(completion, gold)
-    formatted = format_ok(completion, think_in_prompt)
     return RewardResult(score(correct, formatted), correct, formatted, extract_answer(completion))
 
 
@@ -54,11 +63,13 @@ def batch_rewards(
     golds: Sequence[str | int | float | None],
     scheme: str,
     think_in_prompt: bool = False,
+    format_check: str = "r1",
 ) -> list[RewardResult]:
     """compute_reward over aligned lists; the scheme is checked before any work is done."""
     _check_scheme(scheme)
+    _check_format(format_check)
     if len(completions) != len(golds):
         raise ValueError(
             f"golds: got {len(golds)} labels for {len(completions)} completions, expected one label per completion"
         )
-    return [compute_reward(c, g, scheme, think_in_prompt) for c, g in zip(completions, golds)]
+    return [compute_reward(c, g, scheme, think_in_prompt, format_check) for c, g in zip(completions, golds)]
