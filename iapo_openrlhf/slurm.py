@@ -153,6 +153,9 @@ def _submit_parser() -> _Parser:
                    "(default: on for --backend ray)")
     p.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                    help="an extra #SBATCH option, e.g. --sbatch=--qos=high (repeatable)")
+    p.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True,
+                   help="start a Ray cluster in the job (default); --no-ray with --backend local skips it: "
+                   "the local backend is one process and does not use Ray (saves its start and stop)")
     p.add_argument("--ray-timeout", type=int, default=DEFAULT_RAY_TIMEOUT,
                    help=f"seconds to wait for Ray to report every node and GPU (default {DEFAULT_RAY_TIMEOUT})")
     p.add_argument("--ray-arg", action="append", default=[], metavar="OPTION",
@@ -218,6 +221,8 @@ def build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     _positive("--ray-timeout", args.ray_timeout)
     if args.backend == "local" and nodes != 1:
         raise UsageError(f"--nodes {nodes}: --backend local runs one process on one node, expected --nodes 1")
+    if not args.ray and args.backend != "local":
+        raise UsageError(f"--no-ray: --backend {args.backend} runs on the job's Ray cluster, expected --backend local")
     if args.preflight and args.backend != "ray":
         raise UsageError("--preflight checks the Ray cluster of --backend ray jobs, expected --backend ray")
     if args.backend == "ray" and not args.preflight:  # a preflight may run on another layout, or without GPUs
@@ -342,6 +347,7 @@ def build(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         "LOG_DIR": shlex.quote(str(log_dir)),
         "RAY_TIMEOUT": str(args.ray_timeout),
         "RAY_STOP_ALL": "1" if exclusive else "0",
+        "START_RAY": "1" if args.ray else "0",
         "TRAIN_CMD": " ".join(_quote(a) for a in train),
         "RUN_LABEL": "preflight" if args.preflight else "training",
         "IFNAME": shlex.quote(args.ifname or ""),

@@ -533,8 +533,10 @@ def methods_run(ray_cpu_inputs):
     out = ray_cpu_inputs.work / "methods"
     # A 2-step run reads 2 x 2 prompts: none is left to replace a group DAPO's dynamic filtering
     # drops (all-zero digit rewards), and its run would end after 1 step. This range keeps every group.
+    # KL 0: OpenRLHF starts no reference model, one process less to start per method (CI time;
+    # the KL path runs in tests/test_ray_cpu.py).
     cmd = train_cmd(ray_cpu_inputs, out, "--methods", "all", "--set", f"gfpo.keep={GFPO_KEEP}",
-                    "--algo.dynamic_filtering_range", "-1", "2")
+                    "--set", "train.kl_coef=0", "--algo.dynamic_filtering_range", "-1", "2")
     result = run(cmd, ray_cpu_inputs.work / "methods.log", timeout=1800)
     return SimpleNamespace(out=out, result=result)
 

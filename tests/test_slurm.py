@@ -201,15 +201,15 @@ def test_ray_backend_checks_the_config_with_iapo_train_ray(capsys, monkeypatch, 
     assert "n_samples_per_prompt" in err
 
 
-@pytest.mark.parametrize("variant", ["local", "ray", "ray-network", "preflight-online"])
+@pytest.mark.parametrize("variant", ["local", "local-no-ray", "ray", "ray-network", "preflight-online"])
 def test_rendered_script_passes_shellcheck(variant, tmp_path, capsys, monkeypatch, qwen_cache):
     if SHELLCHECK is None:
         pytest.skip("shellcheck not installed (apt-get install shellcheck; .ci/run does)")
     monkeypatch.chdir(ROOT)
     ray = ["--config", "configs/qwen2.5-7b_gsm8k.yaml", "--no-check", "--cache-dir", str(qwen_cache)]
-    if variant == "local":
+    if variant.startswith("local"):
         args = ["--config", str(tiny_config(tmp_path / "tiny.yaml", tmp_path / "out")), "--backend", "local",
-                "--gpus-per-node", "0", "--time", "10"]
+                "--gpus-per-node", "0", "--time", "10", *(["--no-ray"] if variant == "local-no-ray" else [])]
     elif variant == "ray":
         args = [*ray, "--account", "a", "--partition", "p"]
     elif variant == "ray-network":
@@ -243,6 +243,7 @@ ERRORS = [
     (["--config", "TINY", "--backend", "local", "--ifname", "much-too-long-name0"],
      "--ifname much-too-long-name0: expected"),
     (["--config", "TINY", "--backend", "local", "--preflight"], "--preflight checks the Ray cluster"),
+    (["--config", "TINY", "--gpus-per-node", "1", "--no-ray", "--no-check"], "--no-ray: --backend ray runs on the job's Ray"),
     (["--config", "TINY", "--backend", "local", "--signal-seconds", "0"], "--signal-seconds 0: expected 1 to 65535"),
 ]
 
@@ -583,8 +584,7 @@ STUDY_EVAL = ["--k", "1,2", "--eval-arg=--samples=2", "--eval-arg=--k=1,2", "--e
 def _study(cluster: Cluster, config: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "iapo_openrlhf.slurm", "study", "--config", str(config), "--gpus-per-node", "0",
-         "--cpus-per-task", "1", "--backend", "local", "--ray-timeout", "240",
-         "--ray-head-arg=--include-dashboard=false", *STUDY_EVAL, "--wait", *extra],
+         "--cpus-per-task", "1", "--backend", "local", "--no-ray", *STUDY_EVAL, "--wait", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env, cwd=config.parent,
     )
 

@@ -320,6 +320,9 @@ class _TrainerClass:
         self.on_created(handle)
         return handle
 
+    def __getattr__(self, name: str):  # the rest as the Ray actor class (options, __ray_actor_class__)
+        return getattr(self.actor_class, name)
+
 
 def _train(args: SimpleNamespace, stop: StopSignals | None = None, sync_vllm_first: bool = False) -> None:
     """OpenRLHF's own train(args), with the IAPO actor and trainer classes unless --stock-openrlhf.
