@@ -264,7 +264,7 @@ def test_training_run_without_gpu_stack_is_refused(capsys):
     assert "not installed: a training run needs the GPU stack" in capsys.readouterr().err
 
 
-def test_training_run_substitutes_iapo_classes_into_openrlhf(monkeypatch):
+def test_training_run_substitutes_iapo_classes_into_openrlhf(monkeypatch, tmp_path):
     import openrlhf.cli.train_ppo_ray as orl_cli
     import openrlhf.trainer.ppo_trainer as orl_trainer
 
@@ -286,11 +286,35 @@ def test_training_run_substitutes_iapo_classes_into_openrlhf(monkeypatch):
     monkeypatch.setattr(cpu_stubs, "missing_gpu_packages", lambda: [])
     monkeypatch.setattr(ray, "is_initialized", lambda: True)  # no local Ray cluster in this test
     stock_actor = orl_cli.PolicyModelActor
-    assert launch.main([*PAPER_7B, "--reward.remote_url", _reward_file(), "--iapo.alpha", "0.25"]) == 0
+    assert launch.main([*PAPER_7B, "--reward.remote_url", _reward_file(), "--iapo.alpha", "0.25",
+                        "--ckpt.path", str(tmp_path / "ckpt")]) == 0
     assert seen == {"actor": IAPOPolicyModelActor, "trainer": IAPOPPOTrainer, "alpha": 0.25}
     assert orl_cli.PolicyModelActor is stock_actor  # restored afterwards
     assert issubclass(IAPOPolicyModelActor, stock_actor.__ray_actor_class__)
     assert issubclass(IAPOPPOTrainer, orl_trainer.PPOTrainer.__ray_actor_class__)
+
+
+TINY_RAY = Path(__file__).resolve().parent.parent / "configs" / "ray_tiny.yaml"
+
+
+def test_a_resume_on_another_prompt_set_is_refused(tmp_path):
+    """The checkpoint's run read the first 10 prompts (5 steps x 2); a resume asking for 3 steps
+    would read 6 and OpenRLHF would restore the data position on them: one-line error. The same
+    set resumes; a new run (no checkpoint yet) records its own set."""
+    def args(steps: int) -> SimpleNamespace:
+        return launch.parse_args(launch.expand_config(
+            ["--config", str(TINY_RAY), "--set", f"output.dir={tmp_path}", "--set", f"train.steps={steps}"]))
+
+    launch.check_prompt_set(args(5))  # first start: records 10 prompts of the train file
+    record = json.loads((Path(args(5).ckpt.path) / launch.PROMPT_SET_FILE).read_text())
+    assert record["max_samples"] == 10 and record["prompt_dataset"].endswith("gsm8k_train.jsonl")
+    launch.check_prompt_set(args(3))  # no checkpoint saved yet: the new settings are recorded
+    assert json.loads((Path(args(3).ckpt.path) / launch.PROMPT_SET_FILE).read_text())["max_samples"] == 6
+    launch.check_prompt_set(args(5))
+    (Path(args(5).ckpt.path) / "_actor").mkdir()  # OpenRLHF saved a checkpoint: now it is a resume
+    launch.check_prompt_set(args(5))
+    with pytest.raises(launch.UsageError, match="its run read the first 10 prompts of .* this one would read 6 of"):
+        launch.check_prompt_set(args(3))
 
 
 def test_help_lists_openrlhf_and_iapo_options():

@@ -6,8 +6,8 @@ DeepSpeed ZeRO-3 actor and reference on the CPU, gloo weight sync), 70-180 s eac
   A  IAPO (ALPHA, BETA below), configs/ray_tiny.yaml for 5 PPO steps without periodic checkpoints;
      it gets SIGTERM once step 2 has started (preemption, issue 17): it finishes the step the stop
      reaches it in (n = 2, or 3 when the relay is late), saves OpenRLHF's checkpoint of it, exits 143;
-  B  resumes A's checkpoint for step n + 1 with alpha = beta = 0, dumping the experiences OpenRLHF's
-     loop hands to the advantage computation;
+  B  resumes A's checkpoint at step n + 1 and runs to step 5 with alpha = beta = 0, dumping the
+     experiences OpenRLHF's loop hands to the advantage computation;
   S  stock OpenRLHF (`--stock-openrlhf`: its own PolicyModelActor and PPOTrainer) resuming a copy
      of the same checkpoint with the same options;
 
@@ -48,6 +48,7 @@ from ray_cpu import (  # noqa: E402
 # (issue 13, item 1); beta > 0 with exploration "prob" uses OpenRLHF's own forward.
 ALPHA, BETA, EXPLORATION = 0.5, 0.1, "prob"
 LR = "1e-3"  # large enough that one step moves the probe log-probs well past bf16 noise
+STEPS = 5  # of A (SIGTERM in step 2 or 3) and of B and S, which resume it
 
 
 def _cmd(inputs: SimpleNamespace, out: Path, *extra) -> list:
@@ -76,13 +77,15 @@ def runs(ray_cpu_inputs):
     # it reached the trainer only after step 2, of ~1 s, had ended), so the stop lands in step 2 or
     # 3: n, read from the events, is the step A saved; the 5 steps leave room for a late one.
     a = run_and_signal(_cmd(inputs, a_out, "--iapo.alpha", ALPHA, "--iapo.beta", BETA, "--iapo.exploration",
-                            EXPLORATION, "--set", "train.steps=5", "--set", "output.save_every=0"),
+                            EXPLORATION, "--set", f"train.steps={STEPS}", "--set", "output.save_every=0"),
                        work / "A.log", a_out / EVENTS, at_step=2)
     saved = [e["global_step"] for e in _events(a_out) if e["event"] == "preemption_checkpoint"]
     assert a.returncode == 143 and len(saved) == 1 and saved[0] in (2, 3), (saved, a.stderr[-3000:])
     n = saved[0]
     shutil.copytree(a_out / "ckpt", s_out / "ckpt")  # S resumes the same checkpoint as B
-    zero = ("--iapo.alpha", "0", "--iapo.beta", "0", "--set", f"train.steps={n + 1}")
+    # train.steps stays 5: the prompt set is the first steps x prompts_per_step rows, so fewer steps
+    # would resume OpenRLHF's data position on another (smaller) set and could draw a prompt again.
+    zero = ("--iapo.alpha", "0", "--iapo.beta", "0", "--set", f"train.steps={STEPS}")
     b = _train(inputs, a_out, *zero, env={"IAPO_DUMP_EXPERIENCES": str(work / "dump")}, name="B")
     s = _train(inputs, s_out, *zero, "--stock-openrlhf", name="S")
     evaluation = run([BIN / "iapo-eval", "--model", a_out / "final", "--data", inputs.test, "--k", "1,2",
@@ -110,10 +113,10 @@ def test_two_iapo_steps_log_finite_iapo_metrics_and_shaping(runs):
     assert "HF export (final)" in runs.b.stderr
 
 
-def _sampled_question(result: subprocess.CompletedProcess) -> str:
-    """The prompt of the step's first sample, from OpenRLHF's `Sample: [...]` log line."""
-    line = next(line for line in (result.stdout + result.stderr).splitlines() if "ppo_trainer.py" in line and "Sample: " in line)
-    return line.split("User: ", 1)[1].split("Assistant:", 1)[0]
+def _sampled_questions(result: subprocess.CompletedProcess) -> list[str]:
+    """The prompt of each step's first sample, from OpenRLHF's `Sample: [...]` log lines."""
+    return [line.split("User: ", 1)[1].split("Assistant:", 1)[0] for line in (result.stdout + result.stderr).splitlines()
+            if "ppo_trainer.py" in line and "Sample: " in line]
 
 
 @needs_gsm8k
@@ -121,7 +124,7 @@ def test_sigterm_mid_run_saves_that_step_and_the_resumed_run_continues_at_the_ne
     """Issue 17, item 1: SIGTERM during step n (2, or 3 when the relay is late) of 5; the driver
     relays it to the trainer actor, which finishes step n, saves OpenRLHF's checkpoint of it (A has
     no periodic saves: this one is the signal's) and stops (exit 143). B resumes it at step n + 1:
-    every step is logged once."""
+    every step is logged once, and each step draws new prompts."""
     n = runs.n
     preempted, resumed = runs_of(_events(runs.a_out))[:2]
     assert runs.a.returncode == 128 + signal.SIGTERM == 143, runs.a.stderr[-3000:]
@@ -137,11 +140,13 @@ def test_sigterm_mid_run_saves_that_step_and_the_resumed_run_continues_at_the_ne
     loaded = [e for e in resumed if e["event"] == "checkpoint_loaded"]
     assert loaded and loaded[0]["global_step"] == n and f"global_step{n}" in loaded[0]["path"], loaded
     assert [e["next_step"] for e in resumed if e["event"] == "generate_samples"][0] == n + 1
-    history = scalar_history(runs.a_out / "tensorboard")  # A's steps 1 .. n, then B's step n + 1
-    assert {step: len(tags["train/policy_loss"]) for step, tags in history.items()} == {k: 1 for k in range(1, n + 2)}
-    assert all(math.isfinite(history[step]["train/policy_loss"][0]) for step in range(1, n + 2))
-    # the data loader's position came back too: step n + 1 draws the next prompts, not step 1's again
-    assert _sampled_question(runs.b) != _sampled_question(runs.a)
+    history = scalar_history(runs.a_out / "tensorboard")  # A's steps 1 .. n, then B's n + 1 .. STEPS
+    assert {step: len(tags["train/policy_loss"]) for step, tags in history.items()} == {k: 1 for k in range(1, STEPS + 1)}
+    assert all(math.isfinite(history[step]["train/policy_loss"][0]) for step in range(1, STEPS + 1))
+    # the data loader's position came back too: the STEPS x 2 prompts are one pass over the prompt
+    # set, so no step after the resume draws a prompt of steps 1 .. n again
+    questions = _sampled_questions(runs.a) + _sampled_questions(runs.b)
+    assert len(questions) == STEPS and len(set(questions)) == STEPS, questions
 
 
 @needs_gsm8k
@@ -199,7 +204,7 @@ def test_zero_weights_give_stock_openrlhf_advantages_on_the_runs_experiences(run
     dump = runs.work / "dump"
     experiences = torch.load(dump / "rollout_1_experiences.pt", weights_only=False)
     iapo_advantages = torch.load(dump / "rollout_1_advantages.pt", weights_only=False)
-    argv = launch.expand_config(["--config", str(CONFIG), "--set", f"train.steps={runs.n + 1}", "--reward.remote_url", str(REWARD),
+    argv = launch.expand_config(["--config", str(CONFIG), "--set", f"train.steps={STEPS}", "--reward.remote_url", str(REWARD),
                                  "--iapo.alpha", "0", "--iapo.beta", "0"])
     args = launch.parse_args(argv)
     stock = RemoteExperienceMaker(None, None, None, None, FixedKLController(args.algo.kl.init_coef),
@@ -215,15 +220,17 @@ def test_zero_weights_give_stock_openrlhf_advantages_on_the_runs_experiences(run
 
 
 @needs_gsm8k
-def test_first_step_equals_a_stock_openrlhf_run(runs):
+def test_resumed_steps_equal_a_stock_openrlhf_run(runs):
     """B (IAPO classes, alpha = beta = 0) and S (OpenRLHF's own classes) resume the same
-    checkpoint with the same options: vLLM samples the same tokens (seeded engine) and the step's
+    checkpoint with the same options: vLLM samples the same tokens (seeded engine) and each step's
     logged loss, gradient norm, KL and rewards are identical."""
-    ours, stock = scalars(runs.a_out / "tensorboard")[runs.n + 1], scalars(runs.s_out / "tensorboard")[runs.n + 1]
-    for tag in ("train/policy_loss", "train/actor_grad_norm", "train/kl", "train/reward", "train/response_length",
-                "train/rollout/reward_mean"):
-        assert ours[tag] == stock[tag], (tag, ours[tag], stock[tag])
-    assert not any(tag.startswith("train/iapo/") for tag in stock)  # S really ran stock OpenRLHF
+    ours, stock = scalars(runs.a_out / "tensorboard"), scalars(runs.s_out / "tensorboard")
+    assert sorted(stock) == list(range(runs.n + 1, STEPS + 1)), sorted(stock)
+    for step in stock:
+        for tag in ("train/policy_loss", "train/actor_grad_norm", "train/kl", "train/reward", "train/response_length",
+                    "train/rollout/reward_mean"):
+            assert ours[step][tag] == stock[step][tag], (step, tag, ours[step][tag], stock[step][tag])
+        assert not any(tag.startswith("train/iapo/") for tag in stock[step])  # S really ran stock OpenRLHF
 
 
 @needs_gsm8k

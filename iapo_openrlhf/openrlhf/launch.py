@@ -480,7 +480,32 @@ def _prepare(argv: list[str], notes: bool = True) -> SimpleNamespace:
             print(f"{PROG} --cpu: {'; '.join(adjusted)} (README, 'CPU mode')", file=sys.stderr)
     if not args.dry_run:
         _check_gpu_stack(cpu=args.cpu)
+        check_prompt_set(args)
     return args
+
+
+PROMPT_SET_FILE = "iapo_prompt_set.json"  # in --ckpt.path, beside OpenRLHF's _actor
+
+
+def check_prompt_set(args: SimpleNamespace) -> None:
+    """A resumed run must read the prompts its checkpoint was made on. The prompt set is the first
+    `data.max_samples` rows (train.steps x prompts_per_step / epochs) and OpenRLHF restores the data
+    loader's shuffle and position by index: on another set it silently draws prompts again (a
+    resume with fewer train.steps did). Recorded at a run's start, compared at each resume."""
+    ckpt = Path(args.ckpt.path)
+    record = ckpt / PROMPT_SET_FILE
+    current = {"prompt_dataset": str(args.data.prompt_dataset), "max_samples": int(args.data.max_samples)}
+    if args.ckpt.load_enable and (ckpt / "_actor").is_dir() and record.is_file():
+        saved = json.loads(record.read_text())
+        if saved != current:
+            raise UsageError(
+                f"resuming {ckpt}: its run read the first {saved['max_samples']} prompts of {saved['prompt_dataset']}, "
+                f"this one would read {current['max_samples']} of {current['prompt_dataset']}, and OpenRLHF's restored "
+                "data position would then draw prompts again; resume with the same data.train_path, train.steps, "
+                "train.epochs and rollout.prompts_per_step, or start a new output.dir")
+        return
+    ckpt.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(current) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
