@@ -497,6 +497,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--methods: unknown {unknown}, expected some of {list(METHODS)}")
     seeds = [int(s) for s in str(settings["seeds"]).split(",")]
+    # The runs read --set in worker processes, after the warm start: check it here, in one line.
+    from iapo_openrlhf.config import ConfigError, load_config
+
+    for method in methods:
+        try:
+            load_config(None, ["data.task=synthetic", *METHODS[method], *args.set])
+        except ConfigError as e:
+            parser.error(f"{method}: {e}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
