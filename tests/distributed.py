@@ -35,6 +35,12 @@ def _entry(rank: int, world: int, init_file: str, target: tuple[str, str], pytho
         # The overlay's JIT-built ops (shm comm) in their own folder: sharing torch's default one
         # with the pinned DeepSpeed would rebuild them at every switch between the two versions.
         os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(pythonpath, "torch_extensions")
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce when it starts its comm
+    # backend: 30-65 s per DeepSpeed version on a fresh machine, for a speed-up these tests do not
+    # need (gloo's all-reduce is used instead, as `iapo-train-ray --cpu` does: cpu_mode.py).
+    # (import_module: `import deepspeed.comm.torch as m` binds the torch package, which the
+    # deepspeed.comm package's own `torch` name shadows)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     fn = getattr(importlib.import_module(target[0]), target[1])
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

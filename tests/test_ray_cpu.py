@@ -157,6 +157,8 @@ def test_cpu_mode_is_active_in_every_process(runs):
     workers = {e["pid"] for e in a if e["event"] in ("model_init_start", "vllm_ready")}
     assert len(workers) == 3 and workers <= active, (workers, active)
     assert len(active) >= 5, active
+    # the policy's optimizer is torch's AdamW: no FusedAdam op to JIT-compile on the CPU
+    assert [e["optimizers"] for e in a if e["event"] == "model_prepared" and e["kind"] == "train"] == [["AdamW"]]
 
 
 @needs_gsm8k

@@ -252,6 +252,15 @@ def _strategy_class():
         def moving_average(self, model, model_ema, beta=0.992, device="cpu"):
             return super().moving_average(model, model_ema, beta, "cpu")
 
+        def get_ds_train_config(self, optim_dict=None, **kwargs):
+            # torch's AdamW instead of DeepSpeed's FusedAdam: on the CPU accelerator FusedAdam is a
+            # C++ op JIT-compiled at the first run (minutes on 2 cores, in a lock file that a killed
+            # compile leaves behind and every later run then waits on forever).
+            ds_config = super().get_ds_train_config(optim_dict, **kwargs)
+            if ds_config.get("optimizer", {}).get("type") in ("Adam", "AdamW"):
+                ds_config["optimizer"]["params"]["torch_adam"] = True
+            return ds_config
+
         def setup_distributed(self, *args, **kwargs):
             record_event("model_init_start", rank=_rank())
             return super().setup_distributed(*args, **kwargs)
@@ -259,7 +268,10 @@ def _strategy_class():
         def prepare(self, *models, **kwargs):
             out = super().prepare(*models, **kwargs)
             kind = "train" if any(isinstance(m, tuple) for m in models) else "eval"
-            record_event("model_prepared", kind=kind, rank=_rank())
+            trained = [o for o in (out if isinstance(out, list) else [out]) if isinstance(o, tuple) and o[1] is not None]
+            # the optimizer under ZeRO's wrapper: torch's AdamW (get_ds_train_config), not FusedAdam
+            optimizers = sorted({type(getattr(o[1], "optimizer", o[1])).__name__ for o in trained})
+            record_event("model_prepared", kind=kind, rank=_rank(), optimizers=optimizers)
             return out
 
         def load_ckpt(self, model, load_dir, *args, **kwargs):
