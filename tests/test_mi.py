@@ -156,6 +156,11 @@ def test_probe_after_ids_interpolates_naive(qwen, mixed_reference):
                 expect = ref[i, left] + w * (ref[i, right] - ref[i, left])
                 assert abs(got[i, j] - expect) < 1e-4, (i, j)
     assert fewer > 0  # the test would prove nothing if every column were probed
+    # the log-probs (pi_old, which the exploration term reads) do not depend on where it probes
+    _, lp_boundary = answer_entropy(qwen, seq, att, act, POSTFIX, probe_after_ids=ids, chunk_tokens=7,
+                                    return_log_probs=True)
+    _, lp_every = answer_entropy(qwen, seq, att, act, POSTFIX, chunk_tokens=7, return_log_probs=True)
+    torch.testing.assert_close(lp_boundary, lp_every, atol=1e-5, rtol=0)
 
 
 def test_probe_after_ids_packed_and_multi_span(qwen):
