@@ -37,10 +37,11 @@ from iapo_openrlhf.core.advantages import normalize_shaping  # noqa: E402
 from iapo_openrlhf.core.mi import token_mi  # noqa: E402
 from iapo_openrlhf.core.probes import boundary_token_ids  # noqa: E402
 from iapo_openrlhf.tasks.synthetic import SyntheticTask  # noqa: E402
+from preconditions import pearson  # noqa: E402
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    return float(np.corrcoef(average_ranks(x), average_ranks(y))[0, 1])
+    return pearson(average_ranks(x), average_ranks(y))
 
 
 def main(argv: list[str] | None = None) -> int:
