@@ -242,7 +242,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "data.task": ("synthetic", "jsonl"),
     "data.system_prompt": ("r1", "none", "paper"),
-    "data.variant": ("classic", "neutral"),
+    "data.variant": ("classic", "neutral", "preamble"),
     "train.loss_agg": ("token_mean", "seq_mean"),
     "iapo.predict_mode": ("postfix", "next_token"),
     "iapo.mi_smoothing": ("none", "official"),

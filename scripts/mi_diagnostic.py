@@ -811,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-weight", type=float, default=1.0, help="--warm-start probe: weight of the answer loss")
     parser.add_argument("--warmstart-steps", type=int, default=WARMSTART["steps"],
                         help="SFT steps when --model does not exist yet (default: local_tiny's)")
-    parser.add_argument("--variant", choices=["classic", "neutral"], default="classic",
+    parser.add_argument("--variant", choices=["classic", "neutral", "preamble"], default="classic",
                         help="task variant of the generator traces (and of the warm start made when --model is missing)")
     parser.add_argument("--early-exit-weight", type=float, default=0.0,
                         help="when --model does not exist: the package warm start's early-exit answer loss weight")

@@ -47,7 +47,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--variant", choices=["classic", "neutral"], default="neutral")
+    parser.add_argument("--variant", choices=["classic", "neutral", "preamble"], default="neutral")
     parser.add_argument("--num-problems", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=128)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,6 +233,30 @@ def test_neutral_variant_writes_no_number_in_redundant_segments(tokenizer):
     assert kinds == {"restate", "filler"}
     with pytest.raises(ValueError, match="variant"):
         SyntheticTask(0, variant="noisy")
+
+
+def test_preamble_variant_moves_the_neutral_segments_before_the_first_step():
+    """The same draws as the neutral variant (same segments, same steps), every redundant one
+    before the first step; and the parser of sampled completions labels them the same way."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from mi_diagnostic import segment_labels
+
+    neutral, preamble = SyntheticTask(4, variant="neutral"), SyntheticTask(4, variant="preamble")
+    rng_n, rng_p = random.Random(3), random.Random(3)
+    tok = build_tokenizer()
+    moved = 0
+    for problem in preamble.problems("train", 300):
+        a, b = neutral.sample_trace(problem, rng_n), preamble.sample_trace(problem, rng_p)
+        assert [s for s in b.segments if not s.redundant] == [s for s in a.segments if not s.redundant]
+        assert sorted(s.text for s in b.segments if s.redundant) == sorted(s.text for s in a.segments if s.redundant)
+        first_step = next(i for i, s in enumerate(b.segments) if s.kind == "step")
+        assert all(s.redundant for s in b.segments[:first_step]) and not any(s.redundant for s in b.segments[first_step:])
+        moved += a.segments != b.segments
+        kinds, _ = segment_labels([tok.decode([t]) for t in b.token_ids], problem)
+        assert [int(k in ("restate", "filler")) for k in kinds] == list(b.redundant_mask)
+    assert moved > 100
 
 
 def test_classic_traces_are_unchanged_by_the_variant_option():

@@ -76,7 +76,11 @@ REDUNDANT_KINDS = ("restate", "check", "filler")
 #            question's last sentence ("How many apples does Tom have ?"), anywhere. Redundancy
 #            then changes nothing the next step reads (issue 18: a task on which redundancy does
 #            not cost accuracy, so that outcome reward alone does not remove it).
-VARIANTS = ("classic", "neutral")
+#   preamble the neutral segments, all before the first step (hesitation before starting). On
+#            the neutral warm start's own samples, redundancy between steps cost accuracy and
+#            redundancy before the first step did not (README, issue 18): the tiny model copies
+#            each step's operand worse across a gap, and nothing is copied across a preamble.
+VARIANTS = ("classic", "neutral", "preamble")
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
@@ -259,7 +263,9 @@ class SyntheticTask:
         inserted: list[list[Segment]] = [[] for _ in range(n_slots)]
         for _ in range(n_redundant):
             slot = rng.randrange(n_slots)
-            if self.variant == "neutral":
+            if self.variant == "preamble":
+                slot = 0  # drawn anyway: the neutral variant's random stream stays as it was
+            if self.variant in ("neutral", "preamble"):
                 kind = rng.choice(("restate", "filler"))
                 text = " " + (problem.sentences[-1] if kind == "restate" else rng.choice(_FILLERS))
                 inserted[slot].append(Segment(text, kind))
