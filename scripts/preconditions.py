@@ -60,11 +60,16 @@ def redundancy_vs_correctness(model, tokenizer, problems, *, samples: int, max_n
         out = generate(model, tokenizer, [p.prompt for p in chosen], max_new_tokens=max_new_tokens, temperature=1.0)
     a = out.action_mask.shape[1]
     redundant, segments, correct, lengths, other = [], [], [], [], []
+    placed = []  # redundant tokens before the first step, between steps, after the last step
     for i, problem in enumerate(chosen):
         n = int(out.lengths[i]) - int(not bool(out.truncated[i]))
         ids = out.sequences[i, -a:][:n].tolist()
         kinds, firsts = segment_labels([tokenizer.decode([t]) for t in ids], problem)
         redundant.append(sum(k in REDUNDANT_KINDS for k in kinds))
+        steps = [t for t, k in enumerate(kinds) if k == "step"] or [n]
+        at = [t for t, k in enumerate(kinds) if k in REDUNDANT_KINDS]
+        before, after = sum(t < steps[0] for t in at), sum(t > steps[-1] for t in at)
+        placed.append((before, len(at) - before - after, after))
         segments.append(sum(f and k in REDUNDANT_KINDS for k, f in zip(kinds, firsts)))
         other.append(sum(k == "other" for k in kinds))
         correct.append(float(check_answer(out.completions[i], problem)))
@@ -95,6 +100,15 @@ def redundancy_vs_correctness(model, tokenizer, problems, *, samples: int, max_n
         if mask.any():
             buckets[name] = {"completions": int(mask.sum()), "accuracy": float(correct[mask].mean()),
                              "mean_redundant_tokens": float(redundant[mask].mean())}
+    # Where redundancy costs accuracy (the preamble variant's reason): each place's tokens against
+    # correctness, and the completions whose only redundancy is before the first step.
+    placed = np.array(placed)
+    by_place = {name: {"redundant_tokens": float(placed[:, j].mean()), "correlation": pearson(placed[:, j], correct),
+                       "completions_with": int((placed[:, j] > 0).sum())}
+                for j, name in enumerate(("before_first_step", "between_steps", "after_last_step"))}
+    none, only_before = placed.sum(1) == 0, (placed[:, 0] > 0) & (placed[:, 1:].sum(1) == 0)
+    for name, mask in (("no_redundancy", none), ("only_before_first_step", only_before)):
+        by_place[name] = {"completions": int(mask.sum()), "accuracy": float(correct[mask].mean()) if mask.any() else None}
     return {
         "completions": len(chosen), "accuracy": float(correct.mean()), "mean_length": float(np.mean(lengths)),
         "truncated_frac": float(out.truncated.float().mean()),
@@ -107,6 +121,7 @@ def redundancy_vs_correctness(model, tokenizer, problems, *, samples: int, max_n
         "correlation_within_problem": pearson(red_c, cor_c),
         "by_number_of_steps": by_steps,
         "accuracy_by_redundant_segments": buckets,
+        "by_place": by_place,
     }
 
 
@@ -221,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     print("| redundant segments | completions | accuracy | redundant tokens |\n|---|---|---|---|")
     for name, b in rc["accuracy_by_redundant_segments"].items():
         print(f"| {name} | {b['completions']} | {b['accuracy']:.4f} | {b['mean_redundant_tokens']:.2f} |")
+    print("| redundancy | completions with it | tokens / completion | correlation with correct |\n|---|---|---|---|")
+    for name in ("before_first_step", "between_steps", "after_last_step"):
+        b = rc["by_place"][name]
+        print(f"| {name} | {b['completions_with']} | {b['redundant_tokens']:.2f} | {b['correlation']:+.4f} |")
+    for name in ("no_redundancy", "only_before_first_step"):
+        b = rc["by_place"][name]
+        print(f"{name}: {b['completions']} completions, accuracy {b['accuracy']}")
     print(f"\nearly-exit calibration ({cal['every_prefix']['prefixes']} prefixes): ECE {cal['every_prefix']['ece']:.4f}; "
           f"at segment starts ({cal['segment_starts']['prefixes']}): ECE {cal['segment_starts']['ece']:.4f}")
     print("| confidence bin | prefixes | mean confidence | accuracy |\n|---|---|---|---|")
