@@ -5,7 +5,8 @@
    of the first --num-problems held-out problems, temperature 1.0, top_k 0: the rollout
    distribution), the Pearson correlation between a completion's redundant tokens (labelled with
    the task's segment grammar, `mi_diagnostic.segment_labels`) and its correctness, with a 95%
-   interval from resampling whole problems; accuracy by number of redundant segments. Target:
+   interval from resampling whole problems; accuracy by number of redundant segments and the
+   same split by place (before the first step, between steps, after the last). Target:
    within +-0.1. (The second half of the precondition, a GRPO run keeping at least half of the
    warm start's redundant tokens, is read off the study: scripts/reproduce_synthetic.py.)
 2. The early-exit answers are calibrated: on the generator's traces of held-out problems

@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="after training, redundancy of --curve-samples samples x this many held-out problems "
                              "(the number the redundancy table and targets use; default 0: the last curve point)")
     parser.add_argument("--variant", choices=["classic", "neutral", "preamble"], default="classic",
-                        help="task variant of the warm start's traces (issue 18: neutral)")
+                        help="task variant of the warm start's traces (issue 18: neutral, preamble)")
     parser.add_argument("--early-exit-weight", type=float, default=0.0,
                         help="warm start: weight of the early-exit answer loss (0: plain SFT, the issue-7 study)")
     parser.add_argument("--early-exit-steps", type=int,
