@@ -425,6 +425,18 @@ def segment_start_auc(scores: list[np.ndarray], points, *, resamples: int = 0, s
     return out
 
 
+def auc_by_necessary_kind(scores: list[np.ndarray], points, labels) -> dict:
+    """The segment-start AUC with one kind of necessary segment left out: steps only (the
+    decisions a filler competes with) and the answer only ("</think>...", where the probe is
+    asked after a prefix that already holds the postfix)."""
+    out = {}
+    for name, drop in (("steps_vs_redundant", "answer"), ("answer_vs_redundant", "step")):
+        keep = [np.array([kinds[c] != drop for c in cols], dtype=bool) for (kinds, _), (cols, _) in zip(labels, points)]
+        kept = [(cols[k], pos[k]) for (cols, pos), k in zip(points, keep)]
+        out[name] = segment_start_auc([s_[k] for s_, k in zip(scores, keep)], kept)["auc"]
+    return out
+
+
 def count_probes(rows, probe_after_ids=None) -> int:
     """Probed columns of the estimator for these rows (prefix + response incl. EOS, one span each)."""
     from iapo_openrlhf.core.probes import span_probes
@@ -502,8 +514,12 @@ def segment_start_study(model, tokenizer, postfix_ids, splits: dict, *, batch_si
         scores = shaping_at_segment_starts(h, act, test_points, horizon=horizon, decay=decay, norm=norm)
         return segment_start_auc(scores, test_points, resamples=resamples if with_ci else 0, seed=seed)
 
+    h, act = test[chosen["mode"]]["h"]
+    chosen_scores = shaping_at_segment_starts(h, act, test_points, horizon=chosen["horizon"], decay=chosen["decay"],
+                                              norm=norm)
     result["test"] = {
-        "chosen": {**chosen, **score(chosen["mode"], chosen["horizon"], chosen["decay"], with_ci=True)},
+        "chosen": {**chosen, **score(chosen["mode"], chosen["horizon"], chosen["decay"], with_ci=True),
+                   **auc_by_necessary_kind(chosen_scores, test_points, splits["test"][1])},
         "horizon1": {m: score(m, 1, 1.0, with_ci=True) for m in PROBE_MODES},
         "validation_best_per_mode": {m: {**g, "test": score(m, g["horizon"], g["decay"], with_ci=True)}
                                      for m, g in per_mode_best.items()},
@@ -833,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
     if study:
         print_segment_start(study)
         chosen = study["test"]["chosen"]
+        print(f"pre-registered setting, necessary = steps only: {chosen['steps_vs_redundant']:.3f}; "
+              f"answer only: {chosen['answer_vs_redundant']:.3f}")
         print(f"segment-start AUC = {chosen['auc']:.3f} [{chosen['ci95'][0]:.3f}, {chosen['ci95'][1]:.3f}]")
     return 0
 

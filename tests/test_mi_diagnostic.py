@@ -134,3 +134,15 @@ def test_segment_start_scores_hand_made(diag):
         scores = diag.shaping_at_segment_starts(h, act, points, horizon=horizon, decay=1.0, norm="zscore")
         assert diag.segment_start_auc(scores, points)["auc"] == expected, (h_row, horizon)
     assert torch.is_tensor(h)
+
+
+def test_segment_start_auc_by_necessary_kind(diag):
+    """Steps ranked above the filler, the answer below it: 2 of 3 pairs right overall, all with
+    steps only, none with the answer only."""
+    kinds = ["step"] * 2 + ["filler"] * 2 + ["step"] * 2 + ["answer"] * 2
+    firsts = [True, False, True, False, True, False, True, False]
+    points = diag.segment_start_points([(kinds, firsts)])
+    scores = [np.array([1.0, 0.0, 2.0, -1.0])]  # at the first tokens of step, filler, step, answer
+    assert diag.segment_start_auc(scores, points)["auc"] == 2 / 3
+    by_kind = diag.auc_by_necessary_kind(scores, points, [(kinds, firsts)])
+    assert by_kind == {"steps_vs_redundant": 1.0, "answer_vs_redundant": 0.0}
