@@ -146,3 +146,20 @@ def test_segment_start_auc_by_necessary_kind(diag):
     assert diag.segment_start_auc(scores, points)["auc"] == 2 / 3
     by_kind = diag.auc_by_necessary_kind(scores, points, [(kinds, firsts)])
     assert by_kind == {"steps_vs_redundant": 1.0, "answer_vs_redundant": 0.0}
+
+
+def test_holding_h_from_the_answer_zeroes_its_mi(diag):
+    """After "</think>" the probe's entropy jumps (issue 18); held at its value before "</think>",
+    the MI of the answer tokens is 0 and what came before is unchanged."""
+    import torch
+
+    from iapo_openrlhf.core.mi import token_mi
+
+    kinds = ["step"] * 3 + ["answer"] * 3
+    labels = [(kinds, [True, False, False, True, False, False])]
+    h, act = diag._padded([np.array([2.0, 1.5, 1.0, 0.1, 0.9, 1.4, 1.5])])
+    held = diag.hold_entropy_from_answer(h, act, labels)
+    assert torch.allclose(held[0], torch.tensor([2.0, 1.5, 1.0, 0.1, 0.1, 0.1, 0.1]))
+    mi = token_mi(held, act)[0]
+    assert torch.allclose(mi, torch.tensor([0.5, 0.5, 0.9, 0.0, 0.0, 0.0]))
+    assert torch.equal(h[0], torch.tensor([2.0, 1.5, 1.0, 0.1, 0.9, 1.4, 1.5]))  # the input is not changed
