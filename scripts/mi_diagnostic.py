@@ -535,7 +535,7 @@ def segment_start_study(model, tokenizer, postfix_ids, splits: dict, *, batch_si
     chosen_scores = shaping_at_segment_starts(h, act, test_points, horizon=chosen["horizon"], decay=chosen["decay"],
                                               norm=norm)
     result["test"] = {
-        "chosen": {**chosen, **score(chosen["mode"], chosen["horizon"], chosen["decay"], with_ci=True),
+        "chosen": {**chosen, **segment_start_auc(chosen_scores, test_points, resamples=resamples, seed=seed),
                    **auc_by_necessary_kind(chosen_scores, test_points, splits["test"][1])},
         "horizon1": {m: score(m, 1, 1.0, with_ci=True) for m in PROBE_MODES},
         "validation_best_per_mode": {m: {**g, "test": score(m, g["horizon"], g["decay"], with_ci=True)}
