@@ -97,6 +97,10 @@ class IapoConfig:
     mi_smoothing: str = "none"
     mi_horizon: int = 1
     mi_decay: float = 1.0
+    # A text, e.g. "</think>": from the response token where it first begins on, the answer entropy
+    # is held at its value before that token (MI 0 there and after): past it the probe appends the
+    # postfix to a prefix that already ended the reasoning (issue 18). None: no hold.
+    mi_hold_after: str | None = None
     exploration: str = "prob"
     shaping_norm: str = "zscore"  # zscore (the paper's formula) | l2 | authors (their released code)
     # The run's method as the OpenRLHF plugin sees it (--iapo.method). In the YAML the method is the
@@ -461,6 +465,12 @@ def validate(cfg: Config, *, local_files: bool = True) -> None:
         if cfg.iapo.probe_stride != 1:
             raise ConfigError(f"iapo.probe_after: set with iapo.probe_stride={cfg.iapo.probe_stride}, expected "
                               "probe_stride 1 (probe at segment boundaries or every k-th position, not both)")
+    if cfg.iapo.mi_hold_after is not None:
+        if not cfg.iapo.mi_hold_after:
+            raise ConfigError("iapo.mi_hold_after: got an empty text, expected e.g. '</think>' (or null: no hold)")
+        if cfg.iapo.predict_mode != "postfix":
+            raise ConfigError(f"iapo.mi_hold_after: set with iapo.predict_mode={cfg.iapo.predict_mode}, expected "
+                              "predict_mode postfix (it holds the postfix probe's answer entropy)")
     if cfg.model.warmstart_early_exit < 0:
         raise ConfigError(f"model.warmstart_early_exit: got {cfg.model.warmstart_early_exit}, expected a value >= 0")
     if not 0 <= cfg.iapo.mi_decay <= 1:

@@ -425,16 +425,15 @@ def segment_start_auc(scores: list[np.ndarray], points, *, resamples: int = 0, s
     return out
 
 
-def hold_entropy_from_answer(h: torch.Tensor, act: torch.Tensor, labels) -> torch.Tensor:
-    """h with every value after the answer segment's first token ("</think>") set to the value
-    before it, so that the MI of "</think>" and of the answer tokens is 0. Past "</think>" the probe
-    appends the postfix to a prefix that already holds it, and its entropy jumps (issue 18)."""
-    held = h.clone()
-    for i, (kinds, _) in enumerate(labels):
-        if "answer" in kinds:
-            c, n = kinds.index("answer"), int(act[i].sum())
-            held[i, c + 1 : n + 1] = held[i, c]
-    return held
+def held_after(h: torch.Tensor, act: torch.Tensor, rows, texts: list[str], marker: str) -> torch.Tensor:
+    """h as the estimator holds it with iapo.mi_hold_after = marker (`core.mi.marker_columns`,
+    `hold_entropy`): rows' responses are the columns of act, left-aligned as `_padded` lays them."""
+    from iapo_openrlhf.core.mi import hold_entropy, marker_columns
+
+    responses = torch.zeros(act.shape, dtype=torch.long)
+    for i, (_, response) in enumerate(rows):
+        responses[i, : len(response)] = torch.as_tensor(response)
+    return hold_entropy(h, marker_columns(responses, act, texts, marker))
 
 
 def auc_by_necessary_kind(scores: list[np.ndarray], points, labels) -> dict:
@@ -463,7 +462,7 @@ def count_probes(rows, probe_after_ids=None) -> int:
 
 def segment_start_study(model, tokenizer, postfix_ids, splits: dict, *, batch_size: int, resamples: int, seed: int,
                         norm: str, out: Path, boundary_pattern: str = BOUNDARY_PATTERN,
-                        hold_after_think: bool = False) -> dict:
+                        hold_after: str | None = None) -> dict:
     """Validation -> pre-registration -> test, for the shaping at segment-first tokens.
 
     splits: {"validation": (rows, labels), "test": (rows, labels)}, sampled completions of disjoint
@@ -472,25 +471,26 @@ def segment_start_study(model, tokenizer, postfix_ids, splits: dict, *, batch_si
     then the smaller horizon, then the larger decay) and written to preregistration.json BEFORE the
     test split is scored. Then the test split: the chosen setting with a 95% interval (the
     headline), and for reference horizon 1 and each mode's own validation-best setting.
-    hold_after_think: the MI from "</think>" on is 0 (`hold_entropy_from_answer`), in both splits.
+    hold_after: iapo.mi_hold_after (e.g. "</think>"): the MI from that text on is 0, in both splits.
     """
-    from iapo_openrlhf.core.probes import boundary_token_ids
+    from iapo_openrlhf.core.probes import boundary_token_ids, token_texts
 
     boundary_ids = boundary_token_ids(tokenizer, boundary_pattern)
+    texts = token_texts(tokenizer) if hold_after is not None else []
     mode_kwargs = {"every": {}, "boundary": {"probe_after_ids": boundary_ids}}
     result: dict = {"norm": norm, "boundary_pattern": boundary_pattern, "horizons": list(HORIZONS),
-                    "decays": list(DECAYS), "tie": TIE, "hold_after_think": hold_after_think}
+                    "decays": list(DECAYS), "tie": TIE, "mi_hold_after": hold_after}
 
     def entropies(split: str) -> dict:
-        rows, labels = splits[split]
+        rows, _ = splits[split]
         per_mode = {}
         for mode in PROBE_MODES:
             t0 = time.perf_counter()
             scored = score_rows(model, rows, postfix_ids, predict_mode="postfix", probe_stride=1,
                                 batch_size=batch_size, **mode_kwargs[mode])
             h, act = _padded([s_["h"] for s_ in scored])
-            if hold_after_think:
-                h = hold_entropy_from_answer(h, act, labels)
+            if hold_after is not None:
+                h = held_after(h, act, rows, texts, hold_after)
             per_mode[mode] = {"h": (h, act), "seconds": time.perf_counter() - t0,
                               "probes": count_probes(rows, mode_kwargs[mode].get("probe_after_ids"))}
         return per_mode
@@ -770,7 +770,7 @@ def run(args) -> dict:
         results["sampled_completions"]["segment_start"] = segment_start_study(
             model, tokenizer, postfix_ids, {"validation": (val_rows, val_labels), "test": (sample_rows, sample_labels)},
             batch_size=args.batch_size, resamples=args.resamples, seed=args.seed, norm=args.shaping_norm, out=out,
-            hold_after_think=args.hold_after_think)
+            hold_after=args.mi_hold_after)
         timings["segment_start_seconds"] = time.perf_counter() - t0
 
     report = {
@@ -854,9 +854,9 @@ def main(argv: list[str] | None = None) -> int:
                              "segment-start study (default: as many as --num-problems; 0: no study)")
     parser.add_argument("--shaping-norm", choices=["zscore", "l2", "authors"], default="zscore",
                         help="iapo.shaping_norm of the segment-start score")
-    parser.add_argument("--hold-after-think", action="store_true",
-                        help="segment-start study: MI 0 from </think> on (the probe is meaningless past it); "
-                             "not an estimator option yet")
+    parser.add_argument("--mi-hold-after", default=None, metavar="TEXT",
+                        help="segment-start study: the estimator's iapo.mi_hold_after, e.g. '</think>' (MI 0 from "
+                             "that text on: past it the probe is malformed); default: no hold")
     args = parser.parse_args(argv)
     if args.val_problems is None:
         args.val_problems = args.num_problems

@@ -523,3 +523,161 @@ def test_long_stride_with_uneven_rows(qwen):
     for chunk_tokens in (None, 7):
         got = answer_entropy(qwen, seq, att, act, POSTFIX, probe_stride=8, chunk_tokens=chunk_tokens)
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+# -- iapo.mi_hold_after: the answer entropy held from a marker text on ------------------------------
+
+
+def _naive_marker_column(tok, response: list[int], marker: str) -> int:
+    """Reference: index in the response of the first token whose decoded prefix reaches past the
+    marker's first character in the decoded response (one decode per prefix)."""
+    start = tok.decode(response).find(marker)
+    if start < 0:
+        return -1
+    return next(j for j in range(len(response)) if len(tok.decode(response[: j + 1])) > start)
+
+
+def _naive_hold(h: torch.Tensor, columns: list[int]) -> torch.Tensor:
+    held = h.clone()
+    for i, c in enumerate(columns):
+        if c >= 0:
+            for j in range(c + 1, h.shape[1]):
+                held[i, j] = h[i, c]
+    return held
+
+
+def test_marker_columns_against_the_decoded_text():
+    """On OpenRLHF 0.11's layout (prompt + response from column 0, right-padded, action_mask =
+    mask[1:]): the action column where the marker begins, also mid-token (" +" of "+ 5 =") and
+    across tokens; the first occurrence; a marker in the prompt only is not found."""
+    from iapo_openrlhf.core.mi import marker_columns
+    from iapo_openrlhf.core.probes import token_texts
+    from iapo_openrlhf.tasks.synthetic import build_tokenizer
+
+    tok = build_tokenizer()
+    rows = [(" how many ?", " 7 + 5 = 12 . 3 + 5 = 8 .</think><answer>8</answer>"),
+            (" how many ?</think>", " 1 + 2 = 3 ."),
+            ("?", "</think><answer>3</answer>"),
+            (" so , 3 + 5 =", " 8 .")]
+    ids = [(tok(p, add_special_tokens=False).input_ids, tok(r, add_special_tokens=False).input_ids) for p, r in rows]
+    s = max(len(p) + len(r) for p, r in ids)
+    seq = torch.zeros(len(ids), s, dtype=torch.long)
+    act = torch.zeros(len(ids), s - 1, dtype=torch.bool)
+    for i, (p, r) in enumerate(ids):
+        seq[i, : len(p) + len(r)] = torch.tensor(p + r)
+        act[i, len(p) - 1 : len(p) + len(r) - 1] = True
+    texts = token_texts(tok)
+    for marker, expect_found in (("</think>", [1, 0, 1, 0]), ("+ 5 =", [1, 0, 0, 0]), ("12 . 3", [1, 0, 0, 0])):
+        got = marker_columns(seq, act, texts, marker)
+        expect = []
+        for i, (p, r) in enumerate(ids):
+            j = _naive_marker_column(tok, r, marker)
+            expect.append(-1 if j < 0 else len(p) - 1 + j)
+        assert got.tolist() == expect, marker
+        assert [int(c >= 0) for c in expect] == expect_found, marker
+    with pytest.raises(ValueError, match="marker: got an empty string"):
+        marker_columns(seq, act, texts, "")
+
+
+def test_hold_entropy_zeroes_the_mi_from_the_marker_on():
+    from iapo_openrlhf.core.mi import hold_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.rand(4, 9, generator=g)
+    act = torch.ones(4, 8, dtype=torch.bool)
+    columns = [3, -1, 0, 7]
+    held = hold_entropy(h, torch.tensor(columns))
+    assert torch.equal(held, _naive_hold(h, columns))
+    mi, mi_held = token_mi(h, act), token_mi(held, act)
+    for i, c in enumerate(columns):
+        if c < 0:
+            assert torch.equal(mi_held[i], mi[i])
+        else:
+            assert torch.equal(mi_held[i, :c], mi[i, :c]) and not mi_held[i, c:].any() and mi[i, c:].any()
+
+
+def test_mi_hold_after_config_plumbing_local_backend(tmp_path, monkeypatch):
+    """iapo.mi_hold_after reaches the local trainer: the entropies its token_mi gets are the
+    estimator's, held from the marker on (checked against the decoding reference); bad values are
+    one-line ConfigErrors."""
+    from iapo_openrlhf.config import ConfigError, load_config
+    from iapo_openrlhf.local import trainer as trainer_mod
+    from iapo_openrlhf.tasks.synthetic import build_tokenizer
+
+    raw, given = [], []
+
+    def spy_entropy(*args, **kwargs):
+        out = answer_entropy(*args, **kwargs)
+        raw.append((args[1].cpu(), args[3].cpu(), out[0].clone()))
+        return out
+
+    def spy_mi(h, *args, **kwargs):
+        given.append(h.clone())
+        return token_mi(h, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "answer_entropy", spy_entropy)
+    monkeypatch.setattr(trainer_mod, "token_mi", spy_mi)
+    marker = " "  # the synthetic task's most frequent token: most rows hold somewhere
+    cfg = load_config("configs/local_tiny.yaml", [*PROBE_AFTER_TOY, f"output.dir={tmp_path}",
+                                                  f"iapo.mi_hold_after='{marker}'"])
+    trainer_mod.LocalTrainer(cfg, progress=False).train()
+    tok = build_tokenizer()
+    (seq, act, h), held = raw[0], given[0]
+    a = act.shape[1]
+    columns = []
+    for i in range(len(seq)):
+        cols = act[i].nonzero().flatten()
+        j = _naive_marker_column(tok, seq[i, -a:][cols].tolist(), marker)
+        columns.append(-1 if j < 0 else int(cols[j]))
+    assert any(c >= 0 for c in columns) and not torch.equal(held, h)
+    assert torch.equal(held, _naive_hold(h, columns))
+    for override, message in (("iapo.mi_hold_after=''", "iapo.mi_hold_after: got an empty text"),
+                              ("iapo.predict_mode=next_token", "iapo.mi_hold_after: set with iapo.predict_mode=next_token")):
+        with pytest.raises(ConfigError, match=re.escape(message)) as err:
+            load_config("configs/local_tiny.yaml", [override, "iapo.mi_hold_after='</think>'"][: 1 + ("predict" in override)])
+        assert "\n" not in str(err.value)
+
+
+def test_mi_hold_after_config_plumbing_openrlhf_backend():
+    """The same option through the OpenRLHF backend: the config's text becomes --iapo.mi_hold_after,
+    OpenRLHF's parser keeps it, and the actor's forward on OpenRLHF 0.11's batch layout gives the MI
+    of the held entropies (against the naive hold of the estimator called directly)."""
+    pytest.importorskip("openrlhf", reason="OpenRLHF is installed by .ci/run (pip install --no-deps openrlhf)")
+    from pathlib import Path
+
+    from iapo_openrlhf.config import load_config
+    from iapo_openrlhf.openrlhf import cpu_stubs
+
+    cpu_stubs.install()
+    from openrlhf.models import Actor
+
+    from iapo_openrlhf.openrlhf import launch
+    from iapo_openrlhf.openrlhf.actor import iapo_forward
+    from iapo_openrlhf.openrlhf.config_args import openrlhf_args
+    from iapo_openrlhf.openrlhf.settings import iapo_config_from_args
+
+    reward = str(Path(__file__).with_name("data") / "digits_reward.py")
+    config = Path(__file__).resolve().parent.parent / "configs" / "ray_tiny.yaml"
+    cfg = load_config(str(config), ["iapo.mi_hold_after='</think>'"], local_files=False)
+    argv = openrlhf_args(cfg, reward) + ["--cpu"]
+    assert argv[argv.index("--iapo.mi_hold_after") + 1] == "</think>"
+    iapo = iapo_config_from_args(launch.parse_args(argv))
+    assert iapo.mi_hold_after == "</think>"
+    assert iapo_config_from_args(launch.parse_args(openrlhf_args(load_config(str(config), [], local_files=False),
+                                                                 reward) + ["--cpu"])).mi_hold_after is None
+    model = tiny_model()
+    model.config.use_cache = False
+    actor = Actor(model, temperature=1.0)
+    actor.packing_samples = False
+    seq, att, act = _right_padded([3, 2, 5], [6, 4, 2])
+    # Token texts of a made-up vocabulary: "</think>" is the token at response column 2 of row 0
+    # (and wherever else that id occurs); the other texts never contain it.
+    think = int(seq[0, 3 + 2])
+    texts = ["</think>" if i == think else f"<{i}>" for i in range(model.config.vocab_size)]
+    out = iapo_forward(actor, seq, act, att, iapo, POSTFIX, None, texts)
+    h = answer_entropy(model, seq, att, act, POSTFIX)
+    columns = [next((c for c in act[i].nonzero().flatten().tolist() if seq[i, c + 1] == think), -1)
+               for i in range(len(seq))]
+    assert columns[0] == 2 + 2
+    torch.testing.assert_close(out["mi"], token_mi(_naive_hold(h, columns), act), atol=1e-5, rtol=0)
+    assert not out["mi"][0, 4:].any() and out["mi"][0, 2:4].any()

@@ -148,18 +148,28 @@ def test_segment_start_auc_by_necessary_kind(diag):
     assert by_kind == {"steps_vs_redundant": 1.0, "answer_vs_redundant": 0.0}
 
 
-def test_holding_h_from_the_answer_zeroes_its_mi(diag):
-    """After "</think>" the probe's entropy jumps (issue 18); held at its value before "</think>",
-    the MI of the answer tokens is 0 and what came before is unchanged."""
+def test_the_estimators_hold_is_the_labelled_answer_segments(diag):
+    """--mi-hold-after '</think>' (the estimator's iapo.mi_hold_after) on generator traces holds h
+    from exactly the labelled answer segment's first token on: every later MI is 0, every earlier
+    one unchanged. (Past "</think>" the probe's entropy jumps, issue 18.)"""
     import torch
 
     from iapo_openrlhf.core.mi import token_mi
+    from iapo_openrlhf.core.probes import token_texts
+    from iapo_openrlhf.tasks.synthetic import SyntheticTask, build_tokenizer
 
-    kinds = ["step"] * 3 + ["answer"] * 3
-    labels = [(kinds, [True, False, False, True, False, False])]
-    h, act = diag._padded([np.array([2.0, 1.5, 1.0, 0.1, 0.9, 1.4, 1.5])])
-    held = diag.hold_entropy_from_answer(h, act, labels)
-    assert torch.allclose(held[0], torch.tensor([2.0, 1.5, 1.0, 0.1, 0.1, 0.1, 0.1]))
-    mi = token_mi(held, act)[0]
-    assert torch.allclose(mi, torch.tensor([0.5, 0.5, 0.9, 0.0, 0.0, 0.0]))
-    assert torch.equal(h[0], torch.tensor([2.0, 1.5, 1.0, 0.1, 0.9, 1.4, 1.5]))  # the input is not changed
+    task, tok, rng = SyntheticTask(3, variant="preamble"), build_tokenizer(), random.Random(0)
+    rows, answer_starts = [], []
+    for problem in task.problems("test", 40):
+        trace = task.sample_trace(problem, rng)
+        kinds, _ = diag.segment_labels([tok.decode([i]) for i in trace.token_ids], problem)
+        rows.append(([1, 2], list(trace.token_ids) + [tok.eos_token_id]))
+        answer_starts.append(kinds.index("answer"))
+    gen = torch.Generator().manual_seed(0)
+    h, act = diag._padded([torch.rand(len(r) + 1, generator=gen).numpy() for _, r in rows])
+    held = diag.held_after(h, act, rows, token_texts(tok), "</think>")
+    mi, mi_held = token_mi(h, act), token_mi(held, act)
+    for i, c in enumerate(answer_starts):
+        assert torch.equal(mi_held[i, :c], mi[i, :c]) and not mi_held[i, c:].any()
+        assert mi[i, c:].abs().sum() > 0  # there was MI to remove
+    assert torch.equal(held[:, 0], h[:, 0])

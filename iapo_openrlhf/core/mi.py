@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
@@ -34,7 +35,7 @@ from .modeling import additive_mask, check_no_sliding_window, param_dtype, sdpa_
 from .parallel import EstimatorSession
 from .peer_failure import fail_together
 from .probe_cache import ProbeCache
-from .probes import Probes, action_spans, boundary_token_ids, interpolate, span_probes  # noqa: F401
+from .probes import Probes, action_spans, boundary_token_ids, interpolate, span_probes, token_texts  # noqa: F401
 from .references import kv_copy_entropies, naive_entropies
 
 METHODS = ("chunked", "naive", "kv_copy")
@@ -370,3 +371,41 @@ def token_mi(
             total += (decay**k) * shifted
         s = torch.where(valid, total, torch.zeros_like(total))
     return s
+
+
+def marker_columns(sequences: torch.Tensor, action_mask: torch.Tensor, texts: Sequence[str], marker: str) -> torch.Tensor:
+    """(B,) long: per row, the action column of the token in which `marker` first begins in the
+    row's action text (its action tokens' texts joined), -1 where it does not occur.
+
+    sequences: (B, S) token ids; action_mask: (B, A), column t = token S - A + t (`answer_entropy`'s
+    layout); texts: `token_texts(tokenizer)`. A marker split over several tokens ("</", "think",
+    ">") begins at the first of them.
+    """
+    if not marker:
+        raise ValueError("marker: got an empty string, expected a text such as '</think>'")
+    width = action_mask.shape[1]
+    tokens = sequences[:, sequences.shape[1] - width :].cpu()
+    found = torch.full((len(tokens),), -1, dtype=torch.long)
+    for i, cols in enumerate(action_mask.bool().cpu()):
+        cols = cols.nonzero().flatten()
+        pieces = [texts[t] for t in tokens[i, cols].tolist()]
+        start = "".join(pieces).find(marker)
+        if start >= 0:  # the piece whose characters cover index `start`
+            ends = np.cumsum([len(p) for p in pieces])
+            found[i] = cols[int(np.searchsorted(ends, start, side="right"))]
+    return found
+
+
+def hold_entropy(h: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """h with every column after `columns[i]` set to h[i, columns[i]] (rows with -1 unchanged), so
+    that token_mi gives 0 from that token on.
+
+    h: (B, A + 1) from `answer_entropy`; columns: (B,) from `marker_columns`. Why (iapo.mi_hold_after,
+    issue 18): once a response has written the postfix's "</think>", the probe appends the postfix to
+    a prefix that already ended the reasoning; its entropy there measures a malformed input, not
+    what the token told about the answer.
+    """
+    columns = columns.to(h.device)
+    held = h.gather(1, columns.clamp(min=0).unsqueeze(1))
+    after = (torch.arange(h.shape[1], device=h.device).unsqueeze(0) > columns.unsqueeze(1)) & (columns >= 0).unsqueeze(1)
+    return torch.where(after, held, h)

@@ -66,8 +66,13 @@ def boundary_token_ids(tokenizer, pattern: str) -> list[int]:
     import re
 
     regex = re.compile(pattern)
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return [i for i, text in enumerate(texts) if regex.search(text)]
+    return [i for i, text in enumerate(token_texts(tokenizer)) if regex.search(text)]
+
+
+def token_texts(tokenizer) -> list[str]:
+    """The decoded text of every token id of the vocabulary, once per run: matching a pattern
+    against token texts then costs list look-ups, not a decode per token of every rollout."""
+    return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
 
 
 def interpolate(values: torch.Tensor, positions: list[int], out: torch.Tensor) -> None:

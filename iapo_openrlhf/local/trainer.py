@@ -54,7 +54,7 @@ from ..core.methods import (
     significance_length_reward,
     significance_phase,
 )
-from ..core.mi import answer_entropy, token_mi
+from ..core.mi import answer_entropy, hold_entropy, marker_columns, token_mi
 from ..data import Example, load_jsonl, render_chat, synthetic_examples, think_in_prompt
 from ..eval.generation import evaluate_model
 from ..preemption import Preempted
@@ -189,6 +189,11 @@ class LocalTrainer:
             if not self.probe_after_ids:
                 raise ConfigError(f"iapo.probe_after: {cfg.iapo.probe_after!r} matches no token of the tokenizer, "
                                   "expected a pattern that some tokens contain (e.g. '\\n')")
+        self.hold_texts = None  # iapo.mi_hold_after: the vocabulary's texts, to find the marker in
+        if needs_mi(cfg) and cfg.iapo.mi_hold_after is not None:
+            from ..core.probes import token_texts
+
+            self.hold_texts = token_texts(self.tokenizer)
         betas = tuple(cfg.train.adam_betas) if cfg.train.adam_betas is not None else (0.9, 0.999)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, betas=betas, weight_decay=0.0)
         self.scheduler = self._scheduler()
@@ -298,6 +303,8 @@ class LocalTrainer:
                 probe_stride=cfg.iapo.probe_stride, predict_mode=cfg.iapo.predict_mode, return_log_probs=True,
                 probe_after_ids=self.probe_after_ids,
             )
+            if cfg.iapo.mi_hold_after is not None:
+                h = hold_entropy(h, marker_columns(seq, act, self.hold_texts, cfg.iapo.mi_hold_after))
             mi = token_mi(h, act.cpu(), smoothing=cfg.iapo.mi_smoothing, horizon=cfg.iapo.mi_horizon,
                           decay=cfg.iapo.mi_decay)
             valid = act.cpu().bool()

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
 
 from ..config import IapoConfig
-from ..core.mi import answer_entropy, token_mi
-from ..core.probes import boundary_token_ids
+from ..core.mi import answer_entropy, hold_entropy, marker_columns, token_mi
+from ..core.probes import boundary_token_ids, token_texts
 from .loss_options import install_loss_options
 from .settings import iapo_config_from_args, needs_mi, needs_next_token_entropy, postfix_token_ids
 
@@ -43,6 +43,7 @@ def iapo_forward(
     cfg: IapoConfig,
     postfix_ids: list[int],
     probe_after_ids: list[int] | None = None,
+    hold_texts: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One estimator pass on an OpenRLHF `Actor` (its `.model` a DeepSpeed engine or a HF model),
     on the micro-batch OpenRLHF's experience maker sends.
@@ -57,6 +58,7 @@ def iapo_forward(
       mi (B, A) when alpha != 0 (0 off the actions), with answer_entropy_first / _last (B,): the
         entropy before the first action token and after the last one;
       next_token_entropy (B, A) when beta != 0 and exploration == "entropy".
+    hold_texts: `token_texts(tokenizer)` when cfg.mi_hold_after is set (the hold finds its marker in them).
     """
     if not (needs_mi(cfg) or needs_next_token_entropy(cfg)):
         raise ValueError("iapo_forward: alpha = 0 and no entropy exploration, nothing to estimate (use Actor.forward)")
@@ -72,6 +74,8 @@ def iapo_forward(
             h, log_probs = answer_entropy(actor.model, sequences, attention_mask, action_mask, postfix,
                                           predict_mode=cfg.predict_mode, probe_stride=cfg.probe_stride,
                                           probe_after_ids=probe_after_ids, **common)
+            if cfg.mi_hold_after is not None:
+                h = hold_entropy(h, marker_columns(sequences, action_mask, hold_texts, cfg.mi_hold_after))
             out["mi"] = token_mi(h, valid, smoothing=cfg.mi_smoothing, horizon=cfg.mi_horizon, decay=cfg.mi_decay)
             any_action = valid.any(-1)
             first = valid.long().argmax(-1)
@@ -114,6 +118,9 @@ class IAPOPolicyModelActor(unwrap_ray_class(PolicyModelActor)):
         self.iapo_probe_after_ids = None  # --iapo.probe_after: probe only after these tokens
         if self.iapo.probe_after is not None and needs_mi(self.iapo):
             self.iapo_probe_after_ids = boundary_token_ids(self.tokenizer, self.iapo.probe_after)
+        self.iapo_hold_texts = None  # --iapo.mi_hold_after: the vocabulary's texts, to find the marker in
+        if self.iapo.mi_hold_after is not None and needs_mi(self.iapo):
+            self.iapo_hold_texts = token_texts(self.tokenizer)
         if strategy.args.ds.ring_attn_size > 1 and (needs_mi(self.iapo) or needs_next_token_entropy(self.iapo)):
             raise ValueError(
                 "--ds.ring_attn_size > 1: the IAPO estimator does not run under ring attention, "
@@ -135,7 +142,8 @@ class IAPOPolicyModelActor(unwrap_ray_class(PolicyModelActor)):
             raise ValueError("IAPO's MI estimator takes text-only batches; got multimodal inputs")
         device = _device()
         out = iapo_forward(self.actor, sequences.to(device), action_mask.to(device), attention_mask.to(device),
-                           self.iapo, self.iapo_postfix_ids, getattr(self, "iapo_probe_after_ids", None))
+                           self.iapo, self.iapo_postfix_ids, getattr(self, "iapo_probe_after_ids", None),
+                           getattr(self, "iapo_hold_texts", None))
         if not is_group_leader(self.strategy):
             return None
         return {key: value.to("cpu") for key, value in out.items()}

@@ -98,8 +98,9 @@ def openrlhf_args(cfg: Config, reward_file: str) -> list[str]:
     for name in ("postfix", "predict_mode", "chunk_tokens", "probe_stride", "mi_smoothing", "mi_horizon",
                  "mi_decay", "exploration", "shaping_norm"):
         args += [f"--iapo.{name}", getattr(cfg.iapo, name)]
-    if cfg.iapo.probe_after is not None:
-        args += ["--iapo.probe_after", cfg.iapo.probe_after]
+    for name in ("probe_after", "mi_hold_after"):
+        if getattr(cfg.iapo, name) is not None:
+            args += [f"--iapo.{name}", getattr(cfg.iapo, name)]
     args += ["--iapo.alpha", alpha, "--iapo.beta", beta, "--iapo.method", cfg.method]
     for section, cls in METHOD_SECTIONS.items():  # the knobs the config gives (the rest: defaults)
         for f in dataclasses.fields(cls):

@@ -38,6 +38,8 @@ HELP = {
     "mi_smoothing": "none: s_t = h_t - h_t+1; official: the authors' (h_t + h_t-1)/2 - h_t+1",
     "mi_horizon": "sum the MI of the next H tokens",
     "mi_decay": "discount of that sum",
+    "mi_hold_after": "a text, e.g. '</think>': from the response token where it first begins on, hold the answer "
+                     "entropy (MI 0 there and after; the probe is malformed past it) (default: no hold)",
     "exploration": "prob: pi_old(o_t); entropy: the policy's next-token entropy",
     "shaping_norm": "per-sequence norm of each shaping term: zscore (the paper's formula), l2 (z-score / its L2 "
                     "norm), authors (their code: s - mean / (std + 1e-8), / L2 norm, valid tokens only)",
