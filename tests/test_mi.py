@@ -596,10 +596,12 @@ def test_hold_entropy_zeroes_the_mi_from_the_marker_on():
             assert torch.equal(mi_held[i, :c], mi[i, :c]) and not mi_held[i, c:].any() and mi[i, c:].any()
 
 
-def test_mi_hold_after_config_plumbing_local_backend(tmp_path, monkeypatch):
+@pytest.mark.parametrize("alpha", [None, 0])
+def test_mi_hold_after_config_plumbing_local_backend(tmp_path, monkeypatch, alpha):
     """iapo.mi_hold_after reaches the local trainer: the entropies its token_mi gets are the
-    estimator's, held from the marker on (checked against the decoding reference); bad values are
-    one-line ConfigErrors."""
+    estimator's, held from the marker on (checked against the decoding reference), also with
+    alpha = 0 (the pass still runs for pi_old and its MI statistics); bad values are one-line
+    ConfigErrors."""
     from iapo_openrlhf.config import ConfigError, load_config
     from iapo_openrlhf.local import trainer as trainer_mod
     from iapo_openrlhf.tasks.synthetic import build_tokenizer
@@ -619,7 +621,8 @@ def test_mi_hold_after_config_plumbing_local_backend(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "token_mi", spy_mi)
     marker = " "  # the synthetic task's most frequent token: most rows hold somewhere
     cfg = load_config("configs/local_tiny.yaml", [*PROBE_AFTER_TOY, f"output.dir={tmp_path}",
-                                                  f"iapo.mi_hold_after='{marker}'"])
+                                                  f"iapo.mi_hold_after='{marker}'"]
+                      + ([] if alpha is None else [f"iapo.alpha={alpha}"]))
     trainer_mod.LocalTrainer(cfg, progress=False).train()
     tok = build_tokenizer()
     (seq, act, h), held = raw[0], given[0]

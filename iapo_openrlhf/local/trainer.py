@@ -189,8 +189,10 @@ class LocalTrainer:
             if not self.probe_after_ids:
                 raise ConfigError(f"iapo.probe_after: {cfg.iapo.probe_after!r} matches no token of the tokenizer, "
                                   "expected a pattern that some tokens contain (e.g. '\\n')")
-        self.hold_texts = None  # iapo.mi_hold_after: the vocabulary's texts, to find the marker in
-        if needs_mi(cfg) and cfg.iapo.mi_hold_after is not None:
+        # iapo.mi_hold_after: the vocabulary's texts, to find the marker in. Also without the MI term
+        # (alpha = 0, beta > 0): the entropy pass still runs for pi_old and logs the MI's statistics.
+        self.hold_texts = None
+        if cfg.iapo.mi_hold_after is not None:
             from ..core.probes import token_texts
 
             self.hold_texts = token_texts(self.tokenizer)
