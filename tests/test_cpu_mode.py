@@ -244,8 +244,11 @@ torch.manual_seed(0)
 Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=2, num_key_value_heads=2, head_dim=32,
                              max_position_embeddings=4096)).save_pretrained(sys.argv[1])
-# What OpenRLHF's create_vllm_engines passes, reduced to what matters here.
-kwargs = vllm_engine_kwargs({"model": sys.argv[1], "max_model_len": 2100, "seed": 0, "enforce_eager": False})
+# What OpenRLHF's create_vllm_engines passes, reduced to what matters here. On the CPU the memory
+# share is of the machine's RAM, reserved (and touched) for the KV cache: vLLM's default 0.9 costs
+# minutes of page faults, the CI runs use 0.05.
+kwargs = vllm_engine_kwargs({"model": sys.argv[1], "max_model_len": 2100, "seed": 0, "enforce_eager": False,
+                             "gpu_memory_utilization": 0.05})
 llm = LLM(skip_tokenizer_init=True, dtype="float32", max_num_seqs=8, **kwargs)
 # Two prompts of 1500 tokens: more than one engine step's default budget (2048) together, so with
 # chunked prefill the second is prefilled in two steps and its first sampled token discarded.
