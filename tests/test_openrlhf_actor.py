@@ -51,7 +51,8 @@ from iapo_openrlhf.openrlhf.actor import (  # noqa: E402
 )
 
 from distributed import deepspeed_0198_overlay, run_distributed  # noqa: E402
-from openrlhf_batches import VOCAB, micro_batch  # noqa: E402
+from openrlhf_batches import TOKENIZER, VOCAB, micro_batch  # noqa: E402
+from test_mi import _naive_hold, _naive_marker_column  # noqa: E402
 from test_tp import POSTFIX, _engine, _model  # noqa: E402
 
 T = 0.7  # the actor's sampling temperature: log-probs and entropies are of logits / T
@@ -197,6 +198,29 @@ def test_zero0_matches_openrlhf_actor_and_core_estimator(zero0, variant):
     actor.eval()
     iapo_forward(actor, z.seq, z.act, z.att, cfg, POSTFIX)
     assert not actor.training and not z.engine.module.training
+
+
+@pytest.mark.parametrize("turns", ["single", "multi"])
+def test_zero0_mi_hold_after_on_openrlhf_batches(zero0, turns):
+    """--iapo.mi_hold_after on OpenRLHF's own micro-batches, single- and multi-turn (the marker is
+    searched in the action tokens only): iapo_forward's MI is token_mi of the naive reference held
+    from the action column where the marker first begins (decode-per-prefix reference)."""
+    from iapo_openrlhf.core.probes import token_texts
+
+    seq, att, act = (zero0.seq, zero0.att, zero0.act) if turns == "single" else zero0.multi
+    texts = token_texts(TOKENIZER)
+    cols = [row.nonzero().flatten() for row in act.bool()]
+    marker = texts[int(seq[0, int(cols[0][len(cols[0]) // 2]) + 1])]  # the text of a token mid-way in row 0
+    cfg = IapoConfig(alpha=0.5, beta=0.0, mi_hold_after=marker)
+    got = iapo_forward(_actor(zero0.engine), seq, act, att, cfg, POSTFIX, None, texts)
+    columns = []
+    for i, c in enumerate(cols):
+        j = _naive_marker_column(TOKENIZER, seq[i, c + 1].tolist(), marker)
+        columns.append(-1 if j < 0 else int(c[j]))
+    assert 0 <= columns[0] <= int(cols[0][len(cols[0]) // 2])
+    h = answer_entropy(zero0.plain, seq, att, act, POSTFIX, method="naive", temperature=T)
+    torch.testing.assert_close(got["mi"], token_mi(_naive_hold(h, columns), act.bool()), atol=ATOL, rtol=0)
+    assert not got["mi"][0, columns[0]:].any() and got["mi"][0, : columns[0]].any()
 
 
 def test_zero0_temperature_is_applied(zero0):

@@ -35,7 +35,7 @@ from .modeling import additive_mask, check_no_sliding_window, param_dtype, sdpa_
 from .parallel import EstimatorSession
 from .peer_failure import fail_together
 from .probe_cache import ProbeCache
-from .probes import Probes, action_spans, boundary_token_ids, interpolate, span_probes, token_texts  # noqa: F401
+from .probes import Probes, action_spans, boundary_token_ids, interpolate, span_probes  # noqa: F401
 from .references import kv_copy_entropies, naive_entropies
 
 METHODS = ("chunked", "naive", "kv_copy")
