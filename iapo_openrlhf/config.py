@@ -101,6 +101,10 @@ class IapoConfig:
     # is held at its value before that token (MI 0 there and after): past it the probe appends the
     # postfix to a prefix that already ended the reasoning (issue 18). None: no hold.
     mi_hold_after: str | None = None
+    # What the MI term does with the held tokens (the marker's token and after): "zero" keeps them
+    # in the per-sequence normalisation as MI 0 (below the mean: they are shaped against);
+    # "exclude" leaves them out of it, as padding (shaping 0: no measurement, no push either way).
+    mi_held_tokens: str = "zero"
     exploration: str = "prob"
     shaping_norm: str = "zscore"  # zscore (the paper's formula) | l2 | authors (their released code)
     # The run's method as the OpenRLHF plugin sees it (--iapo.method). In the YAML the method is the
@@ -251,6 +255,7 @@ CHOICES = {
     "iapo.predict_mode": ("postfix", "next_token"),
     "iapo.mi_smoothing": ("none", "official"),
     "iapo.exploration": ("prob", "entropy"),
+    "iapo.mi_held_tokens": ("zero", "exclude"),
     "iapo.shaping_norm": ("zscore", "l2", "authors"),
     "iapo.method": METHODS,
     "gfpo.metric": ("length", "reward_per_token"),
@@ -471,6 +476,9 @@ def validate(cfg: Config, *, local_files: bool = True) -> None:
         if cfg.iapo.predict_mode != "postfix":
             raise ConfigError(f"iapo.mi_hold_after: set with iapo.predict_mode={cfg.iapo.predict_mode}, expected "
                               "predict_mode postfix (it holds the postfix probe's answer entropy)")
+    if cfg.iapo.mi_held_tokens != "zero" and cfg.iapo.mi_hold_after is None:
+        raise ConfigError(f"iapo.mi_held_tokens: {cfg.iapo.mi_held_tokens} without iapo.mi_hold_after, expected "
+                          "iapo.mi_hold_after set too (e.g. '</think>': the tokens from it on are the held ones)")
     if cfg.model.warmstart_early_exit < 0:
         raise ConfigError(f"model.warmstart_early_exit: got {cfg.model.warmstart_early_exit}, expected a value >= 0")
     if not 0 <= cfg.iapo.mi_decay <= 1:

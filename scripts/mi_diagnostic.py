@@ -406,13 +406,14 @@ def segment_start_points(labels: list[tuple[list[str], list[bool]]]) -> list[tup
 
 
 def shaping_at_segment_starts(h: torch.Tensor, act: torch.Tensor, points, *, horizon: int, decay: float,
-                              norm: str) -> list[np.ndarray]:
+                              norm: str, mi_mask: torch.Tensor | None = None) -> list[np.ndarray]:
     """The IAPO shaping term norm(MI; sequence) (alpha > 0 only scales it) with the MI summed over
-    `horizon` tokens at `decay`, read at the first token of every labelled segment."""
+    `horizon` tokens at `decay`, read at the first token of every labelled segment. mi_mask: the
+    columns the MI term covers (iapo.mi_held_tokens exclude), as `information_shaping` takes it."""
     from iapo_openrlhf.core.advantages import normalize_shaping
 
     mi = token_mi(h, act, horizon=horizon, decay=decay)
-    shaped = normalize_shaping(mi, act, norm).numpy()
+    shaped = normalize_shaping(mi, act if mi_mask is None else act & mi_mask, norm).numpy()
     return [shaped[i, cols] for i, (cols, _) in enumerate(points)]
 
 
@@ -425,15 +426,17 @@ def segment_start_auc(scores: list[np.ndarray], points, *, resamples: int = 0, s
     return out
 
 
-def held_after(h: torch.Tensor, act: torch.Tensor, rows, texts: list[str], marker: str) -> torch.Tensor:
+def held_after(h: torch.Tensor, act: torch.Tensor, rows, texts: list[str], marker: str) -> tuple[torch.Tensor, torch.Tensor]:
     """h as the estimator holds it with iapo.mi_hold_after = marker (`core.mi.marker_columns`,
-    `hold_entropy`): rows' responses are the columns of act, left-aligned as `_padded` lays them."""
-    from iapo_openrlhf.core.mi import hold_entropy, marker_columns
+    `hold_entropy`), and the (B, A) columns before the marker (the MI term's mask with
+    iapo.mi_held_tokens exclude): rows' responses are the columns of act, left-aligned as `_padded` lays them."""
+    from iapo_openrlhf.core.mi import before_columns, hold_entropy, marker_columns
 
     responses = torch.zeros(act.shape, dtype=torch.long)
     for i, (_, response) in enumerate(rows):
         responses[i, : len(response)] = torch.as_tensor(response)
-    return hold_entropy(h, marker_columns(responses, act, texts, marker))
+    columns = marker_columns(responses, act, texts, marker)
+    return hold_entropy(h, columns), before_columns(act, columns)
 
 
 def auc_by_necessary_kind(scores: list[np.ndarray], points, labels) -> dict:
@@ -462,7 +465,7 @@ def count_probes(rows, probe_after_ids=None) -> int:
 
 def segment_start_study(model, tokenizer, postfix_ids, splits: dict, *, batch_size: int, resamples: int, seed: int,
                         norm: str, out: Path, boundary_pattern: str = BOUNDARY_PATTERN,
-                        hold_after: str | None = None) -> dict:
+                        hold_after: str | None = None, held_tokens: str = "zero") -> dict:
     """Validation -> pre-registration -> test, for the shaping at segment-first tokens.
 
     splits: {"validation": (rows, labels), "test": (rows, labels)}, sampled completions of disjoint
@@ -472,6 +475,7 @@ def segment_start_study(model, tokenizer, postfix_ids, splits: dict, *, batch_si
     test split is scored. Then the test split: the chosen setting with a 95% interval (the
     headline), and for reference horizon 1 and each mode's own validation-best setting.
     hold_after: iapo.mi_hold_after (e.g. "</think>"): the MI from that text on is 0, in both splits.
+    held_tokens: iapo.mi_held_tokens; "exclude" leaves the held tokens out of the normalisation.
     """
     from iapo_openrlhf.core.probes import boundary_token_ids, token_texts
 
@@ -479,7 +483,7 @@ def segment_start_study(model, tokenizer, postfix_ids, splits: dict, *, batch_si
     texts = token_texts(tokenizer) if hold_after is not None else []
     mode_kwargs = {"every": {}, "boundary": {"probe_after_ids": boundary_ids}}
     result: dict = {"norm": norm, "boundary_pattern": boundary_pattern, "horizons": list(HORIZONS),
-                    "decays": list(DECAYS), "tie": TIE, "mi_hold_after": hold_after}
+                    "decays": list(DECAYS), "tie": TIE, "mi_hold_after": hold_after, "mi_held_tokens": held_tokens}
 
     def entropies(split: str) -> dict:
         rows, _ = splits[split]
@@ -489,9 +493,11 @@ def segment_start_study(model, tokenizer, postfix_ids, splits: dict, *, batch_si
             scored = score_rows(model, rows, postfix_ids, predict_mode="postfix", probe_stride=1,
                                 batch_size=batch_size, **mode_kwargs[mode])
             h, act = _padded([s_["h"] for s_ in scored])
+            mi_mask = None
             if hold_after is not None:
-                h = held_after(h, act, rows, texts, hold_after)
-            per_mode[mode] = {"h": (h, act), "seconds": time.perf_counter() - t0,
+                h, before = held_after(h, act, rows, texts, hold_after)
+                mi_mask = before if held_tokens == "exclude" else None
+            per_mode[mode] = {"h": (h, act), "mi_mask": mi_mask, "seconds": time.perf_counter() - t0,
                               "probes": count_probes(rows, mode_kwargs[mode].get("probe_after_ids"))}
         return per_mode
 
@@ -503,7 +509,8 @@ def segment_start_study(model, tokenizer, postfix_ids, splits: dict, *, batch_si
         h, act = val[mode]["h"]
         for horizon in HORIZONS:
             for decay in DECAYS if horizon > 1 else (1.0,):
-                scores = shaping_at_segment_starts(h, act, val_points, horizon=horizon, decay=decay, norm=norm)
+                scores = shaping_at_segment_starts(h, act, val_points, horizon=horizon, decay=decay, norm=norm,
+                                                   mi_mask=val[mode]["mi_mask"])
                 grid.append({"mode": mode, "horizon": horizon, "decay": decay,
                              "auc": segment_start_auc(scores, val_points)["auc"]})
     # An undefined AUC (a split without one of the two classes) ranks last; if every AUC is
@@ -528,12 +535,13 @@ def segment_start_study(model, tokenizer, postfix_ids, splits: dict, *, batch_si
 
     def score(mode, horizon, decay, with_ci=False):
         h, act = test[mode]["h"]
-        scores = shaping_at_segment_starts(h, act, test_points, horizon=horizon, decay=decay, norm=norm)
+        scores = shaping_at_segment_starts(h, act, test_points, horizon=horizon, decay=decay, norm=norm,
+                                           mi_mask=test[mode]["mi_mask"])
         return segment_start_auc(scores, test_points, resamples=resamples if with_ci else 0, seed=seed)
 
     h, act = test[chosen["mode"]]["h"]
     chosen_scores = shaping_at_segment_starts(h, act, test_points, horizon=chosen["horizon"], decay=chosen["decay"],
-                                              norm=norm)
+                                              norm=norm, mi_mask=test[chosen["mode"]]["mi_mask"])
     result["test"] = {
         "chosen": {**chosen, **segment_start_auc(chosen_scores, test_points, resamples=resamples, seed=seed),
                    **auc_by_necessary_kind(chosen_scores, test_points, splits["test"][1])},
@@ -770,7 +778,7 @@ def run(args) -> dict:
         results["sampled_completions"]["segment_start"] = segment_start_study(
             model, tokenizer, postfix_ids, {"validation": (val_rows, val_labels), "test": (sample_rows, sample_labels)},
             batch_size=args.batch_size, resamples=args.resamples, seed=args.seed, norm=args.shaping_norm, out=out,
-            hold_after=args.mi_hold_after)
+            hold_after=args.mi_hold_after, held_tokens=args.mi_held_tokens)
         timings["segment_start_seconds"] = time.perf_counter() - t0
 
     report = {
@@ -857,7 +865,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mi-hold-after", default=None, metavar="TEXT",
                         help="segment-start study: the estimator's iapo.mi_hold_after, e.g. '</think>' (MI 0 from "
                              "that text on: past it the probe is malformed); default: no hold")
+    parser.add_argument("--mi-held-tokens", choices=["zero", "exclude"], default="zero",
+                        help="with --mi-hold-after: the estimator's iapo.mi_held_tokens (exclude: the held tokens "
+                             "take no part in the MI term's normalisation, shaping 0 there)")
     args = parser.parse_args(argv)
+    if args.mi_held_tokens != "zero" and args.mi_hold_after is None:
+        parser.error(f"--mi-held-tokens {args.mi_held_tokens}: needs --mi-hold-after TEXT (the held tokens are "
+                     "the marker's and after)")
     if args.val_problems is None:
         args.val_problems = args.num_problems
     t0 = time.perf_counter()

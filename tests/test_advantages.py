@@ -66,6 +66,36 @@ def test_shaping_is_the_token_part_of_the_advantage():
         information_shaping(mi, pi, mask, None, alpha=0.0, beta=0.2)
 
 
+@pytest.mark.parametrize("shaping_norm", ["zscore", "l2", "authors"])
+def test_mi_mask_limits_the_mi_term_to_its_columns(shaping_norm):
+    """iapo.mi_held_tokens exclude: the MI term is the norm of the MI over mi_mask's columns alone
+    (the same function on the row cut to them), 0 elsewhere; the exploration term still covers
+    every action token. A row whose mask is empty gets no MI term."""
+    from iapo_openrlhf.core.advantages import normalize_shaping
+
+    torch.manual_seed(3)
+    mask = _mask([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]).bool()
+    mi_mask = mask.clone()
+    mi_mask[0, 3:] = False  # held from column 3
+    mi_mask[1, 4:] = False
+    mi_mask[2, :] = False  # held from the first action token
+    mi, pi = torch.randn(4, 6) * 3, torch.rand(4, 6)
+    correct = torch.tensor([True, False, True, False])
+    got = information_shaping(mi, None, mask, None, alpha=0.6, beta=0.0, shaping_norm=shaping_norm, mi_mask=mi_mask)
+    for i in range(4):
+        cols = mi_mask[i].nonzero().flatten()
+        expect = torch.zeros(6)
+        if len(cols):
+            expect[cols] = 0.6 * normalize_shaping(mi[i, cols][None], torch.ones(1, len(cols), dtype=torch.bool),
+                                                   shaping_norm)[0]
+        torch.testing.assert_close(got[i], expect, atol=1e-6, rtol=0)
+    assert got[3].abs().sum() > 0 and not got[2].any()
+    both = information_shaping(mi, pi, mask, correct, alpha=0.6, beta=0.3, shaping_norm=shaping_norm, mi_mask=mi_mask)
+    explore = information_shaping(mi, pi, mask, correct, alpha=0.0, beta=0.3, shaping_norm=shaping_norm)
+    torch.testing.assert_close(both, got + explore, atol=1e-6, rtol=0)
+    assert explore[0, 4] != 0  # past the hold the exploration term still shapes
+
+
 def test_masked_positions_exactly_zero_and_no_nan():
     torch.manual_seed(0)
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
@@ -128,6 +158,7 @@ def test_exploration_sign_follows_correctness():
         (dict(pi_old=torch.full((4, 3), -0.5)), r"pi_old: got values in \[-0.5, -0.5\], expected probabilities"),
         (dict(mi=None), "mi: got None with a nonzero weight"),
         (dict(correct=torch.ones(2, dtype=torch.bool)), r"correct: got shape \(2,\)"),
+        (dict(mi_mask=torch.ones(4, 2, dtype=torch.bool)), r"mi_mask: got shape \(4, 2\), expected \(4, 3\)"),
     ],
 )
 def test_bad_input(change, match):

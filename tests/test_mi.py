@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from iapo_openrlhf.core.entropy import entropy_from_logits
+from iapo_openrlhf.core.advantages import iapo_advantages
 from iapo_openrlhf.core.mi import answer_entropy, token_mi
 
 from conftest import padded_batch, tiny_model
@@ -597,12 +598,22 @@ def test_hold_entropy_zeroes_the_mi_from_the_marker_on():
             assert torch.equal(mi_held[i, :c], mi[i, :c]) and not mi_held[i, c:].any() and mi[i, c:].any()
 
 
-@pytest.mark.parametrize("alpha", [None, 0])
-def test_mi_hold_after_config_plumbing_local_backend(tmp_path, monkeypatch, alpha):
+def test_before_columns_is_the_action_columns_before_the_marker():
+    from iapo_openrlhf.core.mi import before_columns
+
+    act = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1], [1, 1, 0, 1, 1, 0], [0, 1, 1, 0, 0, 0]])
+    got = before_columns(act, torch.tensor([3, -1, 4, 1]))
+    expect = torch.tensor([[0, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]]).bool()
+    assert torch.equal(got, expect)
+
+
+@pytest.mark.parametrize("alpha, held_tokens", [(None, "zero"), (0, "zero"), (None, "exclude")])
+def test_mi_hold_after_config_plumbing_local_backend(tmp_path, monkeypatch, alpha, held_tokens):
     """iapo.mi_hold_after reaches the local trainer: the entropies its token_mi gets are the
     estimator's, held from the marker on (checked against the decoding reference), also with
-    alpha = 0 (the pass still runs for pi_old and its MI statistics); bad values are one-line
-    ConfigErrors."""
+    alpha = 0 (the pass still runs for pi_old and its MI statistics); with iapo.mi_held_tokens
+    exclude the advantages get the MI term's mask: the action columns before the reference's
+    marker column (none without it); bad values are one-line ConfigErrors."""
     from iapo_openrlhf.config import ConfigError, load_config
     from iapo_openrlhf.local import trainer as trainer_mod
     from iapo_openrlhf.tasks.synthetic import build_tokenizer
@@ -618,11 +629,18 @@ def test_mi_hold_after_config_plumbing_local_backend(tmp_path, monkeypatch, alph
         given.append(h.clone())
         return token_mi(h, *args, **kwargs)
 
+    masks = []
+
+    def spy_advantages(*args, **kwargs):
+        masks.append(kwargs.get("mi_mask"))
+        return iapo_advantages(*args, **kwargs)
+
     monkeypatch.setattr(trainer_mod, "answer_entropy", spy_entropy)
     monkeypatch.setattr(trainer_mod, "token_mi", spy_mi)
+    monkeypatch.setattr(trainer_mod, "iapo_advantages", spy_advantages)
     marker = " "  # the synthetic task's most frequent token: most rows hold somewhere
     cfg = load_config("configs/local_tiny.yaml", [*PROBE_AFTER_TOY, f"output.dir={tmp_path}",
-                                                  f"iapo.mi_hold_after='{marker}'"]
+                                                  f"iapo.mi_hold_after='{marker}'", f"iapo.mi_held_tokens={held_tokens}"]
                       + ([] if alpha is None else [f"iapo.alpha={alpha}"]))
     trainer_mod.LocalTrainer(cfg, progress=False).train()
     tok = build_tokenizer()
@@ -635,10 +653,23 @@ def test_mi_hold_after_config_plumbing_local_backend(tmp_path, monkeypatch, alph
         columns.append(-1 if j < 0 else int(cols[j]))
     assert any(c >= 0 for c in columns) and not torch.equal(held, h)
     assert torch.equal(held, _naive_hold(h, columns))
+    if held_tokens == "zero":
+        assert masks[0] is None
+    else:
+        expect = torch.zeros(act.shape, dtype=torch.bool)
+        for i, c in enumerate(columns):
+            for j in range(act.shape[1]):
+                expect[i, j] = bool(act[i, j]) and (c < 0 or j < c)
+        assert torch.equal(masks[0], expect) and not torch.equal(expect, act.bool())
     for override, message in (("iapo.mi_hold_after=''", "iapo.mi_hold_after: got an empty text"),
                               ("iapo.predict_mode=next_token", "iapo.mi_hold_after: set with iapo.predict_mode=next_token")):
         with pytest.raises(ConfigError, match=re.escape(message)) as err:
             load_config("configs/local_tiny.yaml", [override, "iapo.mi_hold_after='</think>'"][: 1 + ("predict" in override)])
+        assert "\n" not in str(err.value)
+    for override, message in (("iapo.mi_held_tokens=exclude", "iapo.mi_held_tokens: exclude without iapo.mi_hold_after"),
+                              ("iapo.mi_held_tokens=drop", "iapo.mi_held_tokens: got 'drop', expected one of")):
+        with pytest.raises(ConfigError, match=re.escape(message)) as err:
+            load_config("configs/local_tiny.yaml", [override])
         assert "\n" not in str(err.value)
 
 
@@ -665,3 +696,11 @@ def test_mi_hold_after_config_plumbing_openrlhf_backend():
     assert iapo_config_from_args(launch.parse_args(argv)).mi_hold_after == "</think>"
     plain = openrlhf_args(load_config(str(config), [], local_files=False), reward) + ["--cpu"]
     assert "--iapo.mi_hold_after" not in plain and iapo_config_from_args(launch.parse_args(plain)).mi_hold_after is None
+    # iapo.mi_held_tokens: config -> --iapo.mi_held_tokens -> the actor's and experience maker's IapoConfig
+    cfg = load_config(str(config), ["iapo.mi_hold_after='</think>'", "iapo.mi_held_tokens=exclude"], local_files=False)
+    argv = openrlhf_args(cfg, reward) + ["--cpu"]
+    assert argv[argv.index("--iapo.mi_held_tokens") + 1] == "exclude"
+    assert iapo_config_from_args(launch.parse_args(argv)).mi_held_tokens == "exclude"
+    assert iapo_config_from_args(launch.parse_args(plain)).mi_held_tokens == "zero"
+    with pytest.raises(launch.UsageError, match=re.escape("--iapo.mi_held_tokens: exclude without iapo.mi_hold_after")):
+        launch.parse_args(plain + ["--iapo.mi_held_tokens", "exclude"])

@@ -167,9 +167,32 @@ def test_the_estimators_hold_is_the_labelled_answer_segments(diag):
         answer_starts.append(kinds.index("answer"))
     gen = torch.Generator().manual_seed(0)
     h, act = diag._padded([torch.rand(len(r) + 1, generator=gen).numpy() for _, r in rows])
-    held = diag.held_after(h, act, rows, token_texts(tok), "</think>")
+    held, before = diag.held_after(h, act, rows, token_texts(tok), "</think>")
     mi, mi_held = token_mi(h, act), token_mi(held, act)
     for i, c in enumerate(answer_starts):
         assert torch.equal(mi_held[i, :c], mi[i, :c]) and not mi_held[i, c:].any()
         assert mi[i, c:].abs().sum() > 0  # there was MI to remove
+        # --mi-held-tokens exclude: the MI term covers the reasoning, up to the answer segment
+        assert before[i, :c].all() and not before[i, c:].any()
     assert torch.equal(held[:, 0], h[:, 0])
+
+
+def test_excluded_held_tokens_score_zero_and_leave_the_statistics(diag):
+    """--mi-held-tokens exclude: the answer segment's first token scores exactly 0 (no shaping),
+    and the other scores are the z-score over the reasoning tokens alone, not over the row."""
+    import torch
+
+    from iapo_openrlhf.core.mi import token_mi
+
+    kinds = ["step"] * 3 + ["filler"] * 2 + ["step"] * 2 + ["answer"] * 3
+    firsts = [True, False, False, True, False, True, False, True, False, False]
+    points = diag.segment_start_points([(kinds, firsts)])
+    h, act = diag._padded([np.array([2.0, 1.8, 1.5, 1.5, 1.5, 1.4, 0.5, 0.1, 0.1, 0.1, 0.1])])
+    before = torch.zeros_like(act)
+    before[0, :7] = True
+    mi = token_mi(h, act)[0, :7].double()
+    z = ((mi - mi.mean()) / (mi.std(unbiased=False) + 1e-6)).float()
+    got = diag.shaping_at_segment_starts(h, act, points, horizon=1, decay=1.0, norm="zscore", mi_mask=before)[0]
+    assert got[-1] == 0 and torch.allclose(torch.as_tensor(got[:3]), z[[0, 3, 5]], atol=1e-6)
+    plain = diag.shaping_at_segment_starts(h, act, points, horizon=1, decay=1.0, norm="zscore")[0]
+    assert plain[-1] != 0 and not np.allclose(plain[:3], got[:3])

@@ -200,18 +200,19 @@ def test_zero0_matches_openrlhf_actor_and_core_estimator(zero0, variant):
     assert not actor.training and not z.engine.module.training
 
 
-@pytest.mark.parametrize("turns", ["single", "multi"])
-def test_zero0_mi_hold_after_on_openrlhf_batches(zero0, turns):
+@pytest.mark.parametrize("turns, held_tokens", [("single", "zero"), ("multi", "zero"), ("multi", "exclude")])
+def test_zero0_mi_hold_after_on_openrlhf_batches(zero0, turns, held_tokens):
     """--iapo.mi_hold_after on OpenRLHF's own micro-batches, single- and multi-turn (the marker is
     searched in the action tokens only): iapo_forward's MI is token_mi of the naive reference held
-    from the action column where the marker first begins (decode-per-prefix reference)."""
+    from the action column where the marker first begins (decode-per-prefix reference); with
+    --iapo.mi_held_tokens exclude it also returns the MI term's mask: the action columns before it."""
     from iapo_openrlhf.core.probes import token_texts
 
     seq, att, act = (zero0.seq, zero0.att, zero0.act) if turns == "single" else zero0.multi
     texts = token_texts(TOKENIZER)
     cols = [row.nonzero().flatten() for row in act.bool()]
     marker = texts[int(seq[0, int(cols[0][len(cols[0]) // 2]) + 1])]  # the text of a token mid-way in row 0
-    cfg = IapoConfig(alpha=0.5, beta=0.0, mi_hold_after=marker)
+    cfg = IapoConfig(alpha=0.5, beta=0.0, mi_hold_after=marker, mi_held_tokens=held_tokens)
     got = iapo_forward(_actor(zero0.engine), seq, act, att, cfg, POSTFIX, None, texts)
     columns = []
     for i, c in enumerate(cols):
@@ -221,6 +222,14 @@ def test_zero0_mi_hold_after_on_openrlhf_batches(zero0, turns):
     h = answer_entropy(zero0.plain, seq, att, act, POSTFIX, method="naive", temperature=T)
     torch.testing.assert_close(got["mi"], token_mi(_naive_hold(h, columns), act.bool()), atol=ATOL, rtol=0)
     assert not got["mi"][0, columns[0]:].any() and got["mi"][0, : columns[0]].any()
+    if held_tokens == "zero":
+        assert "mi_mask" not in got
+    else:
+        expect = act.bool().cpu().clone()
+        for i, c in enumerate(columns):
+            if c >= 0:
+                expect[i, c:] = False
+        assert torch.equal(got["mi_mask"], expect) and not torch.equal(expect, act.bool().cpu())
 
 
 def test_zero0_temperature_is_applied(zero0):

@@ -100,15 +100,31 @@ def test_zero_weights_reproduce_openrlhf_group_norm_exactly(kl_in_reward):
     assert any(e.advantages.abs().sum() > 0 for e in ours)
 
 
-def test_nonzero_weights_match_iapo_advantages():
-    args = _args("--iapo.alpha", "0.7", "--iapo.beta", "0.3", "--algo.kl.use_loss", "--algo.kl.init_coef", "0.001")
+@pytest.mark.parametrize("held_tokens", ["zero", "exclude"])
+def test_nonzero_weights_match_iapo_advantages(held_tokens):
+    """With --iapo.mi_held_tokens exclude the actor sends the MI term's mask beside the MI
+    (`iapo_forward`); the maker must shape with it, as iapo_advantages does with mi_mask."""
+    hold = ["--iapo.mi_hold_after", "</think>", "--iapo.mi_held_tokens", held_tokens]
+    args = _args("--iapo.alpha", "0.7", "--iapo.beta", "0.3", "--algo.kl.use_loss", "--algo.kl.init_coef", "0.001", *hold)
     experiences = _experiences(2)
+    mi_mask = None
+    if held_tokens == "exclude":
+        for k, e in enumerate(experiences):  # held from a row's third action token on, two rows not held
+            m = e.action_mask.bool().clone()
+            for i in range(k, 4, 2):
+                m[i, m[i].nonzero().flatten()[2:]] = False
+            e.info["iapo/mi_mask"] = m
+        mi_mask = _in_rollout_order(experiences, lambda e: e.info["iapo/mi_mask"]).bool()
     mi = _in_rollout_order(experiences, lambda e: e.info["iapo/mi"])
     mask = _in_rollout_order(experiences, "action_mask").bool()
     pi_old = _in_rollout_order(experiences, "action_log_probs").exp() * mask
     rewards = _in_rollout_order(experiences, lambda e: e.rewards.unsqueeze(-1)).squeeze(-1)
     correct = _in_rollout_order(experiences, lambda e: e.scores.unsqueeze(-1)).squeeze(-1) > 0
-    expected = iapo_advantages(rewards, mi, pi_old, mask, group_size=G, alpha=0.7, beta=0.3, correct=correct)
+    expected = iapo_advantages(rewards, mi, pi_old, mask, group_size=G, alpha=0.7, beta=0.3, correct=correct,
+                               mi_mask=mi_mask)
+    if mi_mask is not None:
+        assert not torch.allclose(expected, iapo_advantages(rewards, mi, pi_old, mask, group_size=G, alpha=0.7,
+                                                            beta=0.3, correct=correct))
 
     stock = _maker(RemoteExperienceMaker, args).compute_advantages_and_returns(copy.deepcopy(experiences))
     ours = _maker(IAPOExperienceMaker, args).compute_advantages_and_returns(experiences)

@@ -102,10 +102,13 @@ def exploration_signal(
     return sign * confidence
 
 
-def _validate_shaping(mi, pi_old, action_mask, alpha, beta, correct, eps, exploration, shaping_norm="zscore") -> None:
+def _validate_shaping(mi, pi_old, action_mask, alpha, beta, correct, eps, exploration, shaping_norm="zscore",
+                      mi_mask=None) -> None:
     if action_mask.dim() != 2:
         raise ValueError(f"action_mask: got shape {tuple(action_mask.shape)}, expected (B, A)")
     b, a = action_mask.shape
+    if mi_mask is not None and mi_mask.shape != (b, a):
+        raise ValueError(f"mi_mask: got shape {tuple(mi_mask.shape)}, expected ({b}, {a}) like action_mask")
     for name, value, weight in (("mi", mi, alpha), ("pi_old", pi_old, beta)):
         if value is None:
             if weight != 0:
@@ -146,20 +149,24 @@ def information_shaping(
     eps: float = 1e-6,
     exploration: str = "prob",
     shaping_norm: str = "zscore",
+    mi_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """alpha * norm(s; seq) + beta * norm(c; seq): the token-wise part of the IAPO advantage, (B, A)
     fp32, 0 on masked positions. `shaping_norm` picks norm (`normalize_shaping`).
+    mi_mask: (B, A) bool, the columns the MI term covers (statistics and shaping), a subset of
+    action_mask; default action_mask. iapo.mi_held_tokens "exclude" passes `mi.before_columns`.
 
     Kept apart from the reward term so the OpenRLHF plugin can add it to the advantages OpenRLHF
     itself computed (group_norm, KL-in-reward, length penalties), which keeps alpha = beta = 0
     identical to OpenRLHF. mi, pi_old: (B, A) as in `iapo_advantages`; correct: (B,) bool
     exploration sign, needed when beta != 0.
     """
-    _validate_shaping(mi, pi_old, action_mask, alpha, beta, correct, eps, exploration, shaping_norm)
+    _validate_shaping(mi, pi_old, action_mask, alpha, beta, correct, eps, exploration, shaping_norm, mi_mask)
     valid = action_mask.bool()
     shaping = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
     if alpha != 0:
-        shaping = shaping + alpha * normalize_shaping(mi, valid, shaping_norm, eps)
+        mi_valid = valid if mi_mask is None else valid & mi_mask.bool().to(valid.device)
+        shaping = shaping + alpha * normalize_shaping(mi, mi_valid, shaping_norm, eps)
     if beta != 0:
         if correct is None:
             raise ValueError("correct: got None with a nonzero beta, expected a (B,) bool tensor (the exploration sign)")
@@ -181,6 +188,7 @@ def iapo_advantages(
     eps: float = 1e-6,
     exploration: str = "prob",
     shaping_norm: str = "zscore",
+    mi_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """IAPO advantages, (B, A) fp32, exactly 0 on masked positions.
 
@@ -191,6 +199,7 @@ def iapo_advantages(
     correct: (B,) bool deciding the exploration sign; defaults to rewards > 0.
     eps: added to every std (group and per-sequence).
     shaping_norm: how the MI and exploration terms are normalised per sequence (`normalize_shaping`).
+    mi_mask: (B, A) bool, the columns the MI term covers (`information_shaping`); default action_mask.
     """
     if action_mask.dim() != 2:
         raise ValueError(f"action_mask: got shape {tuple(action_mask.shape)}, expected (B, A)")
@@ -204,7 +213,7 @@ def iapo_advantages(
         )
     sign = (rewards > 0) if correct is None else correct
     shaping = information_shaping(mi, pi_old, action_mask, sign, alpha=alpha, beta=beta, eps=eps, exploration=exploration,
-                                  shaping_norm=shaping_norm)
+                                  shaping_norm=shaping_norm, mi_mask=mi_mask)
     valid = action_mask.bool()
     adv = group_normalized_rewards(rewards, group_size, eps).float().unsqueeze(-1) + shaping
     return torch.where(valid, adv, torch.zeros_like(adv))

@@ -409,3 +409,15 @@ def hold_entropy(h: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     held = h.gather(1, columns.clamp(min=0).unsqueeze(1))
     after = (torch.arange(h.shape[1], device=h.device).unsqueeze(0) > columns.unsqueeze(1)) & (columns >= 0).unsqueeze(1)
     return torch.where(after, held, h)
+
+
+def before_columns(action_mask: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(B, A) bool: the action columns strictly before `columns[i]` (the whole row where -1).
+
+    action_mask: (B, A); columns: (B,) from `marker_columns`. With iapo.mi_held_tokens "exclude"
+    this is the MI term's mask: the held tokens (the marker's token and after) have no measured MI,
+    so they take no part in its per-sequence normalisation, as padding takes none.
+    """
+    columns = columns.to(action_mask.device)
+    cut = torch.where(columns >= 0, columns, action_mask.shape[1]).unsqueeze(1)
+    return action_mask.bool() & (torch.arange(action_mask.shape[1], device=action_mask.device).unsqueeze(0) < cut)

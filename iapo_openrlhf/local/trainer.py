@@ -54,7 +54,7 @@ from ..core.methods import (
     significance_length_reward,
     significance_phase,
 )
-from ..core.mi import answer_entropy, hold_entropy, marker_columns, token_mi
+from ..core.mi import answer_entropy, before_columns, hold_entropy, marker_columns, token_mi
 from ..data import Example, load_jsonl, render_chat, synthetic_examples, think_in_prompt
 from ..eval.generation import evaluate_model
 from ..preemption import Preempted
@@ -297,7 +297,7 @@ class LocalTrainer:
         cfg, r = self.cfg, batch.rollout
         seq, att, act = (t.to(self.device) for t in (r.sequences, r.attention_mask, r.action_mask))
         stats = {}
-        mi = None
+        mi = mi_mask = None
         if needs_mi(cfg) or (self.beta > 0 and cfg.iapo.exploration == "prob"):
             h, old_lp = answer_entropy(
                 self.model, seq, att, act, self.postfix_ids if cfg.iapo.predict_mode == "postfix" else None,
@@ -306,7 +306,11 @@ class LocalTrainer:
                 probe_after_ids=self.probe_after_ids,
             )
             if cfg.iapo.mi_hold_after is not None:
-                h = hold_entropy(h, marker_columns(seq, act, self.hold_texts, cfg.iapo.mi_hold_after))
+                columns = marker_columns(seq, act, self.hold_texts, cfg.iapo.mi_hold_after)
+                h = hold_entropy(h, columns)
+                if cfg.iapo.mi_held_tokens == "exclude":
+                    mi_mask = before_columns(act.cpu(), columns)
+                    stats["mi_held_frac"] = float(1 - mi_mask.sum() / act.sum())
             mi = token_mi(h, act.cpu(), smoothing=cfg.iapo.mi_smoothing, horizon=cfg.iapo.mi_horizon,
                           decay=cfg.iapo.mi_decay)
             valid = act.cpu().bool()
@@ -339,7 +343,7 @@ class LocalTrainer:
         else:
             adv = iapo_advantages(rewards, mi, explore, valid, group_size=self.group, alpha=self.alpha, beta=self.beta,
                                   correct=batch.correct, exploration=cfg.iapo.exploration,
-                                  shaping_norm=cfg.iapo.shaping_norm)
+                                  shaping_norm=cfg.iapo.shaping_norm, mi_mask=mi_mask)
         loss_mask = valid
         if cfg.method == "sgrpo":  # drawn from the global RNG, which checkpoints carry
             sgrpo = resolved_section(cfg, "sgrpo")

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from openrlhf.trainer.ray.ppo_actor import PolicyModelActor
 
 from ..config import IapoConfig
-from ..core.mi import answer_entropy, hold_entropy, marker_columns, token_mi
+from ..core.mi import answer_entropy, before_columns, hold_entropy, marker_columns, token_mi
 from ..core.probes import boundary_token_ids, token_texts
 from .loss_options import install_loss_options
 from .settings import iapo_config_from_args, needs_mi, needs_next_token_entropy, postfix_token_ids
@@ -57,7 +57,8 @@ def iapo_forward(
       action_log_probs (B, A): what `Actor.forward` returns (temperature-scaled, 0 off the actions);
       mi (B, A) when alpha != 0 (0 off the actions), with answer_entropy_first / _last (B,): the
         entropy before the first action token and after the last one;
-      next_token_entropy (B, A) when beta != 0 and exploration == "entropy".
+      next_token_entropy (B, A) when beta != 0 and exploration == "entropy";
+      mi_mask (B, A) bool when cfg.mi_held_tokens == "exclude": the columns the MI term covers.
     hold_texts: `token_texts(tokenizer)` when cfg.mi_hold_after is set (the hold finds its marker in them).
     """
     if not (needs_mi(cfg) or needs_next_token_entropy(cfg)):
@@ -75,7 +76,10 @@ def iapo_forward(
                                           predict_mode=cfg.predict_mode, probe_stride=cfg.probe_stride,
                                           probe_after_ids=probe_after_ids, **common)
             if cfg.mi_hold_after is not None:
-                h = hold_entropy(h, marker_columns(sequences, action_mask, hold_texts, cfg.mi_hold_after))
+                columns = marker_columns(sequences, action_mask, hold_texts, cfg.mi_hold_after)
+                h = hold_entropy(h, columns)
+                if cfg.mi_held_tokens == "exclude":
+                    out["mi_mask"] = before_columns(valid, columns)
             out["mi"] = token_mi(h, valid, smoothing=cfg.mi_smoothing, horizon=cfg.mi_horizon, decay=cfg.mi_decay)
             any_action = valid.any(-1)
             first = valid.long().argmax(-1)

@@ -96,7 +96,7 @@ def openrlhf_args(cfg: Config, reward_file: str) -> list[str]:
             args += ["--reward.overlong_buffer_len", cfg.dapo.overlong_buffer,
                      "--reward.overlong_penalty_factor", cfg.dapo.overlong_penalty]
     for name in ("postfix", "predict_mode", "chunk_tokens", "probe_stride", "mi_smoothing", "mi_horizon",
-                 "mi_decay", "exploration", "shaping_norm"):
+                 "mi_decay", "mi_held_tokens", "exploration", "shaping_norm"):
         args += [f"--iapo.{name}", getattr(cfg.iapo, name)]
     for name in ("probe_after", "mi_hold_after"):
         if getattr(cfg.iapo, name) is not None:

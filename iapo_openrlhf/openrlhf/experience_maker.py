@@ -56,7 +56,7 @@ from .settings import iapo_config_from_args, method_config_from_args
 
 logger = init_logger(__name__)
 
-TOKEN_KEYS = ("mi", "next_token_entropy")  # (B, A) per-token fields from the actor
+TOKEN_KEYS = ("mi", "next_token_entropy", "mi_mask")  # (B, A) per-token fields from the actor
 PREFIX = "iapo/"
 # Debugging aid (and the end-to-end test's source of real experiences): a directory where every
 # rollout's experiences are saved as OpenRLHF's loop hands them to the advantage computation
@@ -191,6 +191,7 @@ class IAPOExperienceMaker(RemoteExperienceMaker):
                     mask[rows],
                     correct[rows],
                     alpha=cfg.alpha, beta=cfg.beta, exploration=cfg.exploration, shaping_norm=cfg.shaping_norm,
+                    mi_mask=fields["mi_mask"][rows] if fields["mi_mask"] is not None else None,
                 )
             experience.advantages = experience.advantages + shaping.to(experience.advantages.dtype)
             self._log_statistics(experience, mi, shaping, mask)

@@ -243,7 +243,7 @@ def print_dry_run(args: SimpleNamespace, out=None) -> None:
     i = args.iapo
     postfix = "checked" if getattr(args, "iapo_postfix_checked", False) else "checked when the actor starts (tokenizer not on this machine)"
     print(f"IAPO: alpha {i.alpha}, beta {i.beta}, postfix {i.postfix!r} ({postfix}), predict_mode {i.predict_mode}, "
-          f"probe_stride {i.probe_stride}, probe_after {getattr(i, 'probe_after', None)!r}, mi_hold_after {getattr(i, 'mi_hold_after', None)!r}, exploration {i.exploration}, shaping_norm {i.shaping_norm}", file=out)
+          f"probe_stride {i.probe_stride}, probe_after {getattr(i, 'probe_after', None)!r}, mi_hold_after {getattr(i, 'mi_hold_after', None)!r}, mi_held_tokens {getattr(i, 'mi_held_tokens', 'zero')}, exploration {i.exploration}, shaping_norm {i.shaping_norm}", file=out)
     print(method_summary(args), file=out)
 
 

@@ -40,6 +40,8 @@ HELP = {
     "mi_decay": "discount of that sum",
     "mi_hold_after": "a text, e.g. '</think>': from the response token where it first begins on, hold the answer "
                      "entropy (MI 0 there and after; the probe is malformed past it) (default: no hold)",
+    "mi_held_tokens": "zero: the held tokens stay in the MI term's per-sequence normalisation as MI 0; exclude: "
+                      "they are left out of it, as padding (shaping 0 there); needs --iapo.mi_hold_after",
     "exploration": "prob: pi_old(o_t); entropy: the policy's next-token entropy",
     "shaping_norm": "per-sequence norm of each shaping term: zscore (the paper's formula), l2 (z-score / its L2 "
                     "norm), authors (their code: s - mean / (std + 1e-8), / L2 norm, valid tokens only)",
