@@ -8,6 +8,9 @@ at "</think>" (where it stops reasoning), by length tercile, and the Spearman co
 first two with the length.
 
     python scripts/shaping_by_length.py --model runs/ws/ee_w03_n500 --variant neutral --out shaping_by_length.json
+
+With --horizon / --decay / --mi-hold-after / --mi-held-tokens it scores the estimator settings of a
+study (issue 18, session 7: the MI term's shaping per token class under each hold variant).
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ from mi_diagnostic import (  # noqa: E402
     WARMSTART,
     _padded,
     average_ranks,
+    held_after,
     sample_and_label,
     score_rows,
 )
 
 from iapo_openrlhf.core.advantages import normalize_shaping  # noqa: E402
 from iapo_openrlhf.core.mi import token_mi  # noqa: E402
-from iapo_openrlhf.core.probes import boundary_token_ids  # noqa: E402
+from iapo_openrlhf.core.probes import boundary_token_ids, token_texts  # noqa: E402
 from iapo_openrlhf.tasks.synthetic import SyntheticTask  # noqa: E402
 from preconditions import pearson  # noqa: E402
 
@@ -52,8 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--every-position", action="store_true", help="probe every token (default: boundary probes)")
+    parser.add_argument("--horizon", type=int, default=1, help="iapo.mi_horizon")
+    parser.add_argument("--decay", type=float, default=1.0, help="iapo.mi_decay")
+    parser.add_argument("--mi-hold-after", default=None, metavar="TEXT", help="iapo.mi_hold_after, e.g. '</think>'")
+    parser.add_argument("--mi-held-tokens", choices=["zero", "exclude"], default="zero", help="iapo.mi_held_tokens")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.mi_held_tokens != "zero" and args.mi_hold_after is None:
+        parser.error(f"--mi-held-tokens {args.mi_held_tokens}: needs --mi-hold-after TEXT")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,10 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     scored = score_rows(model, rows, tokenizer(POSTFIX, add_special_tokens=False).input_ids, predict_mode="postfix",
                         probe_stride=1, batch_size=32, probe_after_ids=probe_after)
     h, act = _padded([s["h"] for s in scored])
-    mi = token_mi(h, act)
-    report: dict = {"model": args.model, "problems": len(problems), "probes": "every" if probe_after is None else "boundary"}
+    mi_mask = act
+    if args.mi_hold_after is not None:
+        h, before = held_after(h, act, rows, token_texts(tokenizer), args.mi_hold_after)
+        mi_mask = act & before if args.mi_held_tokens == "exclude" else act
+    mi = token_mi(h, act, horizon=args.horizon, decay=args.decay)
+    report: dict = {"model": args.model, "problems": len(problems), "seed": args.seed,
+                    "probes": "every" if probe_after is None else "boundary", "horizon": args.horizon,
+                    "decay": args.decay, "mi_hold_after": args.mi_hold_after, "mi_held_tokens": args.mi_held_tokens}
     for norm in ("zscore", "l2"):
-        shaped = normalize_shaping(mi, act, norm).numpy()
+        shaped = normalize_shaping(mi, mi_mask, norm).numpy()
         per = []  # (length, mean shaping on redundant tokens, on necessary ones, at "</think>"; nan if none)
         for i, (kinds, firsts) in enumerate(labels):
             n = len(kinds)
@@ -88,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             "spearman_length_vs_redundant_shaping": spearman(arr[has_red, 0], arr[has_red, 1]),
             "spearman_length_vs_necessary_shaping": spearman(arr[:, 0], arr[:, 2]),
             "answer_start_shaping_mean": float(np.nanmean(arr[:, 3])),
+            "redundant_shaping_mean": float(np.nanmean(arr[has_red, 1])),  # per completion, then over them
+            "necessary_shaping_mean": float(np.nanmean(arr[:, 2])),
             "by_length_tercile": [
                 {"length_mean": float(arr[tercile == k, 0].mean()),
                  "redundant_shaping_mean": float(np.nanmean(arr[(tercile == k) & has_red, 1])),
@@ -100,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         r = report[norm]
         print(f"{norm}: spearman(length, mean shaping on redundant tokens) = "
               f"{r['spearman_length_vs_redundant_shaping']:+.3f} ({r['completions_with_redundancy']} completions), "
-              f"on necessary tokens {r['spearman_length_vs_necessary_shaping']:+.3f}")
+              f"on necessary tokens {r['spearman_length_vs_necessary_shaping']:+.3f}; mean shaping: redundant "
+              f"{r['redundant_shaping_mean']:+.3f}, necessary {r['necessary_shaping_mean']:+.3f}, at </think> "
+              f"{r['answer_start_shaping_mean']:+.3f}")
         for row in r["by_length_tercile"]:
             print(f"  length {row['length_mean']:6.1f} (n {row['n']}): redundant {row['redundant_shaping_mean']:+.3f}, "
                   f"necessary {row['necessary_shaping_mean']:+.3f}, at </think> {row['answer_start_shaping_mean']:+.3f}")
