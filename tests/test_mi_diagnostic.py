@@ -196,3 +196,28 @@ def test_excluded_held_tokens_score_zero_and_leave_the_statistics(diag):
     assert got[-1] == 0 and torch.allclose(torch.as_tensor(got[:3]), z[[0, 3, 5]], atol=1e-6)
     plain = diag.shaping_at_segment_starts(h, act, points, horizon=1, decay=1.0, norm="zscore")[0]
     assert plain[-1] != 0 and not np.allclose(plain[:3], got[:3])
+
+
+def test_shaping_by_length_scores_a_studys_mi_settings(tmp_path, capsys):
+    """scripts/shaping_by_length.py with the study's MI settings (horizon, hold, exclude): runs on a
+    tiny warm start, records the settings, gives no shaping at "</think>" with exclude (some with
+    zero); exclude
+    without a hold text is a one-line usage error."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import shaping_by_length
+
+    from iapo_openrlhf.tasks.warmstart import warm_start
+
+    model = warm_start(tmp_path / "model", seed=0, steps=30, progress=False)
+    out = tmp_path / "exclude.json"
+    argv = ["--model", str(model), "--variant", "preamble", "--num-problems", "16", "--max-new-tokens", "48",
+            "--horizon", "4", "--out", str(out)]
+    assert shaping_by_length.main(argv + ["--mi-hold-after", "</think>", "--mi-held-tokens", "exclude"]) == 0
+    report = json.loads(out.read_text())
+    assert (report["horizon"], report["mi_hold_after"], report["mi_held_tokens"]) == (4, "</think>", "exclude")
+    assert report["zscore"]["answer_start_shaping_mean"] == 0.0  # some samples do stop
+    assert shaping_by_length.main(argv + ["--mi-hold-after", "</think>"]) == 0  # zero: shaped there
+    assert json.loads(out.read_text())["zscore"]["answer_start_shaping_mean"] != 0.0
+    with pytest.raises(SystemExit) as err:
+        shaping_by_length.main(argv + ["--mi-held-tokens", "exclude"])
+    assert err.value.code == 2 and "--mi-held-tokens exclude: needs --mi-hold-after" in capsys.readouterr().err
