@@ -310,7 +310,7 @@ class LocalTrainer:
                 h = hold_entropy(h, columns)
                 if cfg.iapo.mi_held_tokens == "exclude":
                     mi_mask = before_columns(act.cpu(), columns)
-                    stats["mi_held_frac"] = float(1 - mi_mask.sum() / act.sum())
+                    stats["mi_held_frac"] = float(1 - mi_mask.sum() / act.cpu().sum())
             mi = token_mi(h, act.cpu(), smoothing=cfg.iapo.mi_smoothing, horizon=cfg.iapo.mi_horizon,
                           decay=cfg.iapo.mi_decay)
             valid = act.cpu().bool()
