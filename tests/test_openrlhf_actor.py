@@ -232,6 +232,29 @@ def test_zero0_mi_hold_after_on_openrlhf_batches(zero0, turns, held_tokens):
         assert torch.equal(got["mi_mask"], expect) and not torch.equal(expect, act.bool().cpu())
 
 
+@pytest.mark.parametrize("turns", ["single", "multi"])
+def test_zero0_probe_after_on_openrlhf_batches(zero0, turns):
+    """--iapo.probe_after on OpenRLHF's own micro-batches: the ids the actor derives from the
+    pattern (`boundary_token_ids`, as `init_model_from_pretrained` does) reach the estimator, and
+    iapo_forward's MI is token_mi of the naive reference probed after those ids only."""
+    import re
+
+    from iapo_openrlhf.core.probes import boundary_token_ids, token_texts
+
+    seq, att, act = (zero0.seq, zero0.att, zero0.act) if turns == "single" else zero0.multi
+    texts = token_texts(TOKENIZER)
+    occurring = sorted(set(seq[:, 1:][act.bool()].tolist()))
+    pattern = "|".join(re.escape(texts[t]) for t in occurring[::3])  # about a third of them end a segment
+    ids = boundary_token_ids(TOKENIZER, pattern)
+    assert set(occurring[::3]) <= set(ids) and not set(occurring) <= set(ids)
+    cfg = IapoConfig(alpha=0.5, beta=0.0, probe_after=pattern)
+    got = iapo_forward(_actor(zero0.engine), seq, act, att, cfg, POSTFIX, ids)
+    h = answer_entropy(zero0.plain, seq, att, act, POSTFIX, probe_after_ids=ids, method="naive", temperature=T)
+    torch.testing.assert_close(got["mi"], token_mi(h, act.bool()), atol=ATOL, rtol=0)
+    every = iapo_forward(_actor(zero0.engine), seq, act, att, cfg, POSTFIX, None)
+    assert not torch.allclose(every["mi"], got["mi"], atol=1e-3)  # the ids were used
+
+
 def test_zero0_temperature_is_applied(zero0):
     """Guard: with T = 0.7 the results differ from T = 1 by far more than the tolerance."""
     z = zero0
