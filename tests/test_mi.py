@@ -321,7 +321,6 @@ def test_right_padded_equals_left_padded_layout(qwen, mixed_reference):
     """The same samples in both layouts give the same entropies and MI, column for column."""
     seq_l, att_l, act_l, ref = mixed_reference
     b, s_l = seq_l.shape
-    a_l = act_l.shape[1]
     rows = [seq_l[i][att_l[i].bool()] for i in range(b)]
     s = max(len(r) for r in rows)
     seq = torch.zeros(b, s, dtype=torch.long)

@@ -19,7 +19,6 @@ next step, with the same result as a run that was never interrupted.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
