@@ -198,12 +198,11 @@ def test_excluded_held_tokens_score_zero_and_leave_the_statistics(diag):
     assert plain[-1] != 0 and not np.allclose(plain[:3], got[:3])
 
 
-def test_shaping_by_length_scores_a_studys_mi_settings(tmp_path, capsys):
+def test_shaping_by_length_scores_a_studys_mi_settings(tmp_path, capsys, monkeypatch):
     """scripts/shaping_by_length.py with the study's MI settings (horizon, hold, exclude): runs on a
     tiny warm start, records the settings, gives no shaping at "</think>" with exclude (some with
-    zero); exclude
-    without a hold text is a one-line usage error."""
-    sys.path.insert(0, str(SCRIPT.parent))
+    zero); exclude without a hold text is a one-line usage error."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
     import shaping_by_length
 
     from iapo_openrlhf.tasks.warmstart import warm_start
